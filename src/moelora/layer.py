@@ -1,0 +1,255 @@
+"""The MoE-LoRA layer: a frozen linear map plus a routed mixture of low-rank experts.
+
+    y = W x + s * sum_i g_i(x) B_i A_i drop(x)            s = alpha / r
+
+computed in the dense stacked form (all experts in two GEMMs, see ``GatedExpertMix``), with the
+backward gate power ``p`` of the paper's engineering strategy applied inside one autograd Function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .router import expert_load, gate_entropy, init_router_, top_k_gates
+
+# Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
+# optimizer can find a pair's gate statistics from a plain parameter group.
+LAYER_REF_ATTR = "_moelora_layer"
+
+
+def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
+    """``G^p := where(G > 0, G**p, 0)``: unselected experts stay at zero for every ``p``, including 0."""
+    if power == 1.0:
+        return gates
+    return torch.where(gates > 0, gates.pow(power), torch.zeros_like(gates))
+
+
+class GatedExpertMix(torch.autograd.Function):
+    """``out = s * (h * G) @ B_cat^T`` whose backward gives the experts ``G^p`` instead of ``G``.
+
+    Shapes: ``h`` (T, E*r) = expert projections ``A_cat drop(x)``; ``gates`` (T, E); ``B_cat`` (d_out, E*r)
+    with column block ``i`` equal to ``B_i``; ``G`` is each gate repeated over its expert's ``r`` columns.
+
+    Backward (method.md section 3), with ``d = dL/dout`` (T, d_out):
+
+        dz      = d @ B_cat                         (T, E*r)    GEMM
+        dB_cat  = s * d^T @ (h * G^p)               (d_out, E*r) GEMM
+        dh      = s * dz * G^p                      (T, E*r)
+        dgates  = s * sum over each expert's r columns of dz * h        (T, E)
+
+    The router receives the exact gradient of the forward value; the expert parameters (through
+    ``dB_cat`` and, via ``dh``, ``A``) and the layer input (via ``dh``) receive it with ``G^p``.
+    Same GEMM count as the plain layer.
+    """
+
+    @staticmethod
+    def forward(h: torch.Tensor, gates: torch.Tensor, b_cat: torch.Tensor, scaling: float, power: float):
+        tokens, num_experts = gates.shape
+        z = h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)
+        return z.view(tokens, -1) @ b_cat.t()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        h, gates, b_cat, scaling, power = inputs
+        ctx.save_for_backward(h, gates, b_cat)
+        ctx.scaling = scaling
+        ctx.power = power
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        h, gates, b_cat = ctx.saved_tensors
+        tokens, num_experts = gates.shape
+        h3 = h.view(tokens, num_experts, -1)
+        grad_h = grad_gates = grad_b = None
+        scaled_gp = (gate_power(gates, ctx.power) * ctx.scaling).unsqueeze(-1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dz = (grad_out @ b_cat).view(tokens, num_experts, -1)
+            if ctx.needs_input_grad[0]:
+                grad_h = (dz * scaled_gp).view(tokens, -1)
+            if ctx.needs_input_grad[1]:
+                grad_gates = (dz * h3).sum(-1) * ctx.scaling
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)
+        return grad_h, grad_gates, grad_b, None, None
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a linear-like module, or a ``TypeError`` saying what is supported."""
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(d_in, int) and isinstance(d_out, int):
+        return d_in, d_out
+    raise TypeError(
+        f"MoELoRALinear wraps nn.Linear-like modules (with in_features / out_features) and transformers' "
+        f"Conv1D, not {type(module).__name__}"
+    )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2-style Conv1D: weight is (d_in, d_out), y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def default_adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters train in float32 (float64 beside a float64 base), whatever the base precision."""
+    weight = getattr(base, "weight", None)
+    if weight is not None and weight.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+class MoELoRALinear(nn.Module):
+    """A frozen linear module with a mixture of ``num_experts`` rank-``rank`` LoRA experts.
+
+    Attributes:
+        base_layer: the wrapped module (``nn.Linear`` or transformers' ``Conv1D``), frozen.
+        lora_A: ``(E, r, d_in)`` expert down-projections, Kaiming-uniform (``a = sqrt(5)``) per expert.
+        lora_B: ``(E, d_out, r)`` expert up-projections, zero at init (the layer starts as ``base_layer``).
+        router: ``nn.Linear(d_in, E, bias=False)``.
+        scaling: ``alpha / rank``.
+        gate_sq_sum: ``(E,)`` float32 running ``sum_t g_it^2`` over training forwards since the last reset.
+        gate_token_count: ``()`` float32 number of tokens in that sum.
+        expert_load / gate_entropy: router diagnostics of the last forward pass (see ``moelora.router``).
+
+    The gate statistics are recorded only when ``self.training and torch.is_grad_enabled()``; every
+    position counts, padding included (the layer does not see the attention mask). An optimizer with
+    ``preconditioner="gate_rescaled"`` consumes and resets them after each step.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_experts: int,
+        top_k: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        gate_backward_power: float = 1.0,
+        router_init: str = "kaiming",
+        router_init_std: float = 0.02,
+        track_router_stats: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts (= {num_experts}), got {top_k}")
+        if not 0.0 <= gate_backward_power <= 1.0:
+            raise ValueError(f"gate_backward_power must be in [0, 1], got {gate_backward_power}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _linear_shape(base_layer)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.gate_backward_power = float(gate_backward_power)
+        self.track_router_stats = track_router_stats
+
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None and weight.device.type != "meta" else None
+        dtype = dtype or default_adapter_dtype(base_layer)
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        stat = {"device": device, "dtype": torch.float32}
+        self.register_buffer("gate_sq_sum", torch.zeros(num_experts, **stat), persistent=False)
+        self.register_buffer("gate_token_count", torch.zeros((), **stat), persistent=False)
+        self.register_buffer("expert_load", torch.zeros(num_experts, **stat), persistent=False)
+        self.register_buffer("gate_entropy", torch.zeros((), **stat), persistent=False)
+
+        self.reset_parameters(router_init, router_init_std)
+        self._attach_layer_refs()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def reset_parameters(self, router_init: str = "kaiming", router_init_std: float = 0.02) -> None:
+        """LoRA init per expert: ``A_i`` Kaiming-uniform with ``a = sqrt(5)``, ``B_i = 0``."""
+        with torch.no_grad():
+            # kaiming_uniform_(a=sqrt(5)) of an (r, d_in) matrix is uniform(+-1/sqrt(d_in)); the stacked
+            # (E, r, d_in) tensor would get the wrong fan-in from kaiming_uniform_ itself.
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.lora_A.uniform_(-bound, bound)
+            self.lora_B.zero_()
+        init_router_(self.router.weight, router_init, router_init_std)
+
+    def _attach_layer_refs(self) -> None:
+        ref = weakref.ref(self)
+        for param in (self.lora_A, self.lora_B, self.router.weight):
+            setattr(param, LAYER_REF_ATTR, ref)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Dtype/device conversions may replace Parameter objects; keep their layer references.
+        out = super()._apply(fn, recurse)
+        self._attach_layer_refs()
+        return out
+
+    def __deepcopy__(self, memo: dict) -> "MoELoRALinear":
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._attach_layer_refs()  # the copied weak references still point at the original layer
+        return new
+
+    # ---------------------------------------------------------------------------------------- compute
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, d_in) -> (T, E)`` float32 renormalised top-k gates (records statistics as a side effect)."""
+        gates = top_k_gates(self.router(x), self.top_k)
+        record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
+        with torch.no_grad():
+            detached = gates.detach()
+            if record:
+                self.gate_sq_sum.add_(detached.square().sum(dim=0))
+                self.gate_token_count.add_(detached.shape[0])
+            if self.track_router_stats:
+                self.expert_load.copy_(expert_load(detached))
+                self.gate_entropy.copy_(gate_entropy(detached))
+        return gates
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        lead_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
+        gates = self.route(tokens)
+        a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
+        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.rank)
+        h = self.dropout(tokens) @ a_cat.t()
+        delta = GatedExpertMix.apply(h, gates.to(h.dtype), b_cat, self.scaling, self.gate_backward_power)
+        return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
+
+    # ------------------------------------------------------------------------------------ statistics
+    def gate_sq_mean(self) -> torch.Tensor:
+        """``(E,)`` mean of ``g^2`` over the tokens recorded since the last reset (0 if none)."""
+        return self.gate_sq_sum / self.gate_token_count.clamp_min(1.0)
+
+    def reset_gate_stats(self) -> None:
+        self.gate_sq_sum.zero_()
+        self.gate_token_count.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"gate_backward_power={self.gate_backward_power:g}"
+        )
+
+
+def layer_of(param: torch.Tensor) -> MoELoRALinear | None:
+    """The ``MoELoRALinear`` owning ``param`` (its ``lora_A``, ``lora_B`` or router weight), else None."""
+    ref = getattr(param, LAYER_REF_ATTR, None)
+    layer = ref() if ref is not None else None
+    if layer is None:
+        return None
+    if param is layer.lora_A or param is layer.lora_B or param is layer.router.weight:
+        return layer
+    return None

@@ -1,0 +1,74 @@
+"""Top-k softmax routing and router diagnostics.
+
+A router is a bias-free linear map ``R`` (``E x d_in``). For tokens ``x`` (``T x d_in``):
+
+    p = softmax(x R^T)                      (T, E)
+    mask = the top_k largest entries of p per token
+    g = p * mask / sum(p * mask)            (T, E), each row sums to 1, zero off the top-k
+
+``g`` is differentiable in ``R`` and ``x`` through the kept probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Renormalised top-k softmax gates.
+
+    Args:
+        logits: ``(T, E)`` router logits (any float dtype; the softmax runs in float32).
+        top_k: number of experts kept per token, ``1 <= top_k <= E``.
+
+    Returns:
+        ``(T, E)`` float32 gates ``g``: non-negative, rows summing to 1, exactly zero for unselected experts.
+    """
+    probs = logits.float().softmax(dim=-1)
+    if top_k >= probs.shape[-1]:
+        return probs
+    kept, index = probs.topk(top_k, dim=-1)
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, index, kept)
+
+
+def expert_load(gates: torch.Tensor) -> torch.Tensor:
+    """Fraction of token-to-expert assignments that go to each expert.
+
+    Args:
+        gates: ``(T, E)`` gates, zero for unselected experts.
+
+    Returns:
+        ``(E,)`` float32, summing to 1; ``1 / E`` everywhere under perfectly balanced routing.
+    """
+    selected = (gates > 0).float().sum(dim=0)
+    return selected / selected.sum().clamp_min(1.0)
+
+
+def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of each token's gate distribution.
+
+    ``0`` when every token uses one expert; ``log(top_k)`` when each spreads evenly over its ``top_k``.
+    """
+    g = gates.float()
+    return -(g * g.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(dim=-1).mean()
+
+
+def init_router_(weight: torch.Tensor, scheme: str, std: float = 0.02) -> None:
+    """Initialise a router weight ``(E, d_in)`` in place.
+
+    ``"kaiming"`` is PyTorch's ``nn.Linear`` default (uniform in ``+-1/sqrt(d_in)``), ``"zeros"`` gives
+    uniform routing at the start (ties broken by index), ``"normal"`` draws from ``N(0, std^2)``.
+    """
+    with torch.no_grad():
+        if scheme == "kaiming":
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            weight.uniform_(-bound, bound)
+        elif scheme == "zeros":
+            weight.zero_()
+        elif scheme == "normal":
+            weight.normal_(0.0, std)
+        else:
+            raise ValueError(f"unknown router_init {scheme!r}; use 'kaiming', 'zeros' or 'normal'")
