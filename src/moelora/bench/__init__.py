@@ -1,0 +1,1 @@
+"""Speed benchmarks: each comparison is timed interleaved against its baseline in the same run."""
