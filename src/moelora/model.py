@@ -206,7 +206,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+            json.dump(meta, f, indent=2)
             f.write("\n")
 
     _atomic_write(directory / CONFIG_NAME, write_json)
@@ -245,23 +245,23 @@ def load_adapter(
     wrap(model, config, adapter_dtype=adapter_dtype)
     try:
         found = {name: [layer.in_features, layer.out_features] for name, layer in moelora_layers(model)}
-        for name, shape in expected.items():
-            if name not in found:
+        base_class = meta.get("base_model", {}).get("class_name")
+        for name, shape in found.items():  # model order, so the first mismatch is the first in the model
+            if name not in expected:
                 raise ValueError(
-                    f"the adapter has module {name!r} (d_in, d_out) = {tuple(shape)} but the base model has no "
-                    f"matching module there; is this the base model the adapter was trained on?"
+                    f"the base model has target module {name!r} (d_in, d_out) = {tuple(shape)} that the adapter "
+                    f"does not cover; load the adapter into the base model it was trained on ({base_class})"
                 )
-            if list(shape) != found[name]:
+            if list(expected[name]) != shape:
                 raise ValueError(
-                    f"module {name!r}: the adapter expects (d_in, d_out) = {tuple(shape)}, the base model has "
-                    f"{tuple(found[name])}; load the adapter into the base model it was trained on "
-                    f"({meta.get('base_model', {}).get('class_name')})"
+                    f"module {name!r}: the adapter expects (d_in, d_out) = {tuple(expected[name])}, the base model "
+                    f"has {tuple(shape)}; load the adapter into the base model it was trained on ({base_class})"
                 )
-        extra = sorted(set(found) - set(expected))
-        if extra:
+        missing = [name for name in expected if name not in found]
+        if missing:
             raise ValueError(
-                f"the base model has target module {extra[0]!r} that the adapter does not cover "
-                f"({len(extra)} in all); is this the base model the adapter was trained on?"
+                f"the adapter has module {missing[0]!r} ({len(missing)} in all) that the base model lacks; "
+                f"load the adapter into the base model it was trained on ({base_class})"
             )
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():

@@ -1,0 +1,228 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import moelora
+from moelora import MoELoRALinear
+from moelora.layer import layer_of
+
+from reference import reference_forward, reference_gates
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} x {scale:.3e}"
+
+
+def make_layer(d_in=12, d_out=10, num_experts=5, top_k=3, rank=2, alpha=6.0, power=1.0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = MoELoRALinear(
+        nn.Linear(d_in, d_out, bias=bias), num_experts, top_k, rank, alpha, gate_backward_power=power
+    )
+    with torch.no_grad():  # B = 0 at init would hide most gradients
+        layer.lora_B.normal_(0.0, 0.5)
+        layer.router.weight.normal_(0.0, 1.0)
+    return layer
+
+
+def layer_grads(layer, x):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    upstream = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad, upstream
+
+
+def reference_grads(layer, x, upstream):
+    x = x.clone().requires_grad_(True)
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    R = layer.router.weight.detach().clone().requires_grad_(True)
+    base = layer.base_layer
+    out = reference_forward(
+        x, base.weight.detach(), None if base.bias is None else base.bias.detach(), A, B, R,
+        layer.top_k, layer.scaling, layer.gate_backward_power,
+    )
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad, A.grad, B.grad, R.grad
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("shape", [(7,), (2, 5)], ids=["2d", "3d"])
+def test_forward_and_all_gradients_match_per_expert_loop(power, shape):
+    layer = make_layer(power=power)
+    x = torch.randn(*shape, layer.in_features, generator=torch.Generator().manual_seed(1))
+    out, gx, gA, gB, gR, upstream = layer_grads(layer, x)
+    r_out, r_gx, r_gA, r_gB, r_gR = reference_grads(layer, x, upstream)
+    for name, got, want in [("out", out, r_out), ("x", gx, r_gx), ("A", gA, r_gA), ("B", gB, r_gB), ("router", gR, r_gR)]:
+        assert got.shape == want.shape, name
+        assert_rel_close(got, want)
+
+
+def test_gate_power_changes_expert_gradients_but_not_router_or_forward():
+    x = torch.randn(9, 12, generator=torch.Generator().manual_seed(3))
+    plain = layer_grads(make_layer(power=1.0), x)
+    strategy = layer_grads(make_layer(power=0.5), x)
+    assert_rel_close(strategy[0], plain[0])  # forward value
+    assert_rel_close(strategy[4], plain[4])  # router gradient is the exact one in both
+    assert (strategy[3] - plain[3]).abs().max() > 1e-3  # experts see sqrt(g) instead of g
+
+
+def test_gate_power_zero_does_not_wake_unselected_experts():
+    layer = make_layer(num_experts=6, top_k=1, power=0.0)
+    x = torch.randn(1, 12, generator=torch.Generator().manual_seed(4))
+    layer(x).sum().backward()
+    selected = reference_gates(x, layer.router.weight.detach(), 1)[0] > 0
+    per_expert = layer.lora_B.grad.abs().sum(dim=(1, 2))
+    assert (per_expert[~selected] == 0).all()
+    assert (per_expert[selected] > 0).all()
+
+
+def test_single_expert_is_plain_lora():
+    layer = make_layer(num_experts=1, top_k=1, rank=3)
+    x = torch.randn(4, 6, 12, generator=torch.Generator().manual_seed(5))
+    base = layer.base_layer
+    expected = base(x) + layer.scaling * (x @ layer.lora_A[0].t()) @ layer.lora_B[0].t()
+    assert_rel_close(layer(x), expected)
+
+
+def test_single_expert_matches_peft_lora():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    d_in, d_out, rank, alpha = 12, 10, 3, 7.0
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(d_in, d_out))
+    ours = MoELoRALinear(nn.Linear(d_in, d_out), 1, 1, rank, alpha)
+    with torch.no_grad():
+        ours.base_layer.load_state_dict(base.proj.state_dict())
+        ours.lora_B.normal_()
+    peft_model = peft.get_peft_model(
+        base, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
+    )
+    lora = peft_model.base_model.model.proj
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(ours.lora_A[0])
+        lora.lora_B["default"].weight.copy_(ours.lora_B[0])
+    x = torch.randn(3, 4, d_in)
+    assert_rel_close(ours(x), peft_model(x))
+
+
+def test_lora_init():
+    layer = MoELoRALinear(nn.Linear(64, 8), num_experts=4, top_k=2, rank=3, alpha=3)
+    assert layer.lora_A.shape == (4, 3, 64) and layer.lora_B.shape == (4, 8, 3)
+    assert layer.router.weight.shape == (4, 64) and layer.router.bias is None
+    assert (layer.lora_B == 0).all()
+    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt(5)) on each (r, d_in) expert
+    assert layer.lora_A.abs().max() <= bound
+    assert not torch.equal(layer.lora_A[0], layer.lora_A[1])  # experts drawn independently
+    assert layer.scaling == 1.0
+
+
+def test_conv1d_is_wrapped_like_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(10, 12)  # nf=d_out=10, nx=d_in=12
+    layer = MoELoRALinear(conv, 4, 2, 2, 4.0)
+    assert (layer.in_features, layer.out_features) == (12, 10)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    linear_base = nn.Linear(12, 10)
+    with torch.no_grad():
+        linear_base.weight.copy_(conv.weight.t())
+        linear_base.bias.copy_(conv.bias)
+    expected = reference_forward(
+        x, linear_base.weight, linear_base.bias, layer.lora_A, layer.lora_B, layer.router.weight, 2, layer.scaling, 1.0
+    )
+    assert_rel_close(layer(x), expected)
+
+
+def test_gate_statistics_sum_over_micro_batches_and_skip_eval():
+    layer = make_layer()
+    batches = [torch.randn(n, 12, generator=torch.Generator().manual_seed(n)) for n in (3, 8, 5)]
+    for x in batches:
+        layer(x)
+    layer.eval()
+    layer(torch.randn(4, 12))
+    layer.train()
+    with torch.no_grad():
+        layer(torch.randn(6, 12))
+    all_tokens = torch.cat(batches)
+    expected = reference_gates(all_tokens, layer.router.weight.detach(), layer.top_k).square().mean(0)
+    assert layer.gate_token_count.item() == 16
+    assert_rel_close(layer.gate_sq_mean(), expected)
+    layer.reset_gate_stats()
+    assert layer.gate_token_count.item() == 0 and (layer.gate_sq_sum == 0).all()
+
+
+def test_router_diagnostics_after_forward():
+    layer = make_layer(num_experts=5, top_k=3)
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        layer(x)
+    gates = reference_gates(x, layer.router.weight, 3)
+    assert torch.allclose(layer.expert_load, (gates > 0).float().sum(0) / (40 * 3))
+    assert layer.expert_load.sum().item() == pytest.approx(1.0)
+    entropy = -(gates * gates.clamp_min(1e-30).log()).sum(-1).mean()
+    assert layer.gate_entropy.item() == pytest.approx(entropy.item(), rel=1e-5)
+    assert 0 < layer.gate_entropy.item() <= math.log(3) + 1e-6
+
+
+@pytest.mark.parametrize(
+    "base_dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)]
+)
+def test_mixed_dtypes(base_dtype, adapter_dtype):
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 8).to(base_dtype), 4, 2, 2, 4.0, dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 16, dtype=base_dtype, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == base_dtype
+    out.float().sum().backward()
+    assert layer.lora_A.grad.dtype == adapter_dtype and torch.isfinite(layer.lora_A.grad).all()
+    assert x.grad.dtype == base_dtype
+    reference = make_reference_in_float64(layer, x.detach())
+    assert (out.double() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def make_reference_in_float64(layer, x):
+    b = layer.base_layer
+    return reference_forward(
+        x.double(), b.weight.double(), b.bias.double(), layer.lora_A.double(), layer.lora_B.double(),
+        layer.router.weight.double(), layer.top_k, layer.scaling, 1.0,
+    )
+
+
+def test_parameters_point_back_to_their_layer_after_dtype_change_and_deepcopy():
+    import copy
+
+    layer = make_layer()
+    for p in (layer.lora_A, layer.lora_B, layer.router.weight):
+        assert layer_of(p) is layer
+    layer.double()
+    assert layer_of(layer.lora_A) is layer
+    clone = copy.deepcopy(layer)
+    assert layer_of(clone.lora_B) is clone and layer_of(layer.lora_B) is layer
+    assert layer_of(layer.base_layer.weight) is None
+
+
+def test_layer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        MoELoRALinear(nn.Linear(4, 4), num_experts=2, top_k=3, rank=1, alpha=1)
+    with pytest.raises(TypeError, match="Conv1D"):
+        MoELoRALinear(nn.Conv2d(3, 3, 1), num_experts=2, top_k=1, rank=1, alpha=1)
+
+
+def test_layer_compiles_without_graph_breaks():
+    layer = make_layer()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 12, requires_grad=True)
+    expected = layer(x)
+    got = compiled(x)
+    assert_rel_close(got, expected)
+    got.sum().backward()
