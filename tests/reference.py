@@ -27,12 +27,14 @@ def reference_forward(
     top_k: int,
     scaling: float,
     power: float,
+    expert_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-expert loop of method.md section 3 (dropout 0):
 
         w_i = sg(g_i^p) E_i(x) + (g_i - sg(g_i^p)) sg(E_i(x)),     E_i(x) = s B_i A_i x
 
-    with ``g^p := 0`` where ``g = 0``. ``x`` may have any leading shape.
+    with ``g^p := 0`` where ``g = 0``. ``x`` may have any leading shape. ``expert_input`` is ``drop(x)``
+    when dropout is on (the router always sees ``x``).
     """
     lead = x.shape[:-1]
     tokens = x.reshape(-1, x.shape[-1])
@@ -40,9 +42,10 @@ def reference_forward(
     if bias is not None:
         y = y + bias
     gates = reference_gates(tokens, router_weight, top_k)
+    expert_tokens = tokens if expert_input is None else expert_input.reshape(tokens.shape)
     for i in range(lora_A.shape[0]):
         g = gates[:, i : i + 1]
         g_pow = torch.where(g > 0, g.detach() ** power, torch.zeros_like(g)).detach()
-        expert_out = scaling * (tokens @ lora_A[i].t()) @ lora_B[i].t()
+        expert_out = scaling * (expert_tokens @ lora_A[i].t()) @ lora_B[i].t()
         y = y + g_pow * expert_out + (g - g_pow) * expert_out.detach()
     return y.reshape(*lead, -1)

@@ -62,6 +62,32 @@ def test_forward_and_all_gradients_match_per_expert_loop(power, shape):
         assert_rel_close(got, want)
 
 
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_dropout_applies_to_experts_only(power):
+    layer = make_layer(power=power)
+    layer.dropout = nn.Dropout(0.3)
+    x = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    out, gx, gA, gB, gR, upstream = layer_grads(layer, x)
+    torch.manual_seed(11)  # the layer's dropout is the first random draw of its forward
+    dropped = nn.functional.dropout(x.reshape(-1, 12), 0.3, training=True)
+    assert (dropped == 0).any()
+    xr = x.clone().requires_grad_(True)
+    A, B, R = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.router.weight))
+    mask = (dropped != 0).float() / 0.7
+    ref = reference_forward(
+        xr, layer.base_layer.weight, layer.base_layer.bias, A, B, R, layer.top_k, layer.scaling, power,
+        expert_input=xr.reshape(-1, 12) * mask,
+    )
+    (ref * upstream).sum().backward()
+    for got, want in [(out, ref.detach()), (gx, xr.grad), (gA, A.grad), (gB, B.grad), (gR, R.grad)]:
+        assert_rel_close(got, want)
+    layer.eval()  # no dropout in eval: the fused router/expert projection gives the plain forward
+    with torch.no_grad():
+        plain = reference_forward(x, layer.base_layer.weight, layer.base_layer.bias, A, B, R, layer.top_k, layer.scaling, power)
+        assert_rel_close(layer(x), plain)
+
+
 def test_gate_power_changes_expert_gradients_but_not_router_or_forward():
     x = torch.randn(9, 12, generator=torch.Generator().manual_seed(3))
     plain = layer_grads(make_layer(power=1.0), x)

@@ -202,9 +202,12 @@ class MoELoRALinear(nn.Module):
         return new
 
     # ---------------------------------------------------------------------------------------- compute
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """``(T, d_in) -> (T, E)`` float32 renormalised top-k gates (records statistics as a side effect)."""
-        gates = top_k_gates(self.router(x), self.top_k)
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(T, E)`` router logits -> ``(T, E)`` float32 renormalised top-k gates.
+
+        Records the gate statistics (training with grad enabled) and the diagnostics as a side effect.
+        """
+        gates = top_k_gates(logits, self.top_k)
         record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
         with torch.no_grad():
             detached = gates.detach()
@@ -220,10 +223,18 @@ class MoELoRALinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        gates = self.route(tokens)
-        a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
-        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.rank)
-        h = self.dropout(tokens) @ a_cat.t()
+        experts_rows = self.num_experts * self.rank
+        a_cat = self.lora_A.reshape(experts_rows, self.in_features)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            # Router and experts read the same input: one GEMM with [A_cat; R] instead of two (and one
+            # each in the backward pass), which matters at these skinny shapes.
+            projected = tokens @ torch.cat([a_cat, self.router.weight]).t()
+            h, logits = projected.split([experts_rows, self.num_experts], dim=-1)
+        else:
+            h = self.dropout(tokens) @ a_cat.t()
+            logits = self.router(tokens)  # the router sees the input without dropout
+        gates = self.route(logits)
+        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, experts_rows)
         delta = GatedExpertMix.apply(h, gates.to(h.dtype), b_cat, self.scaling, self.gate_backward_power)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
 
