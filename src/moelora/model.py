@@ -235,58 +235,69 @@ def load_adapter(
     Raises:
         ValueError: the base model's wrapped modules differ from the adapter's (the message names the
             first mismatching module and both shapes), or the weights file does not match its config.
+            The model is left unwrapped.
     """
-    from safetensors import safe_open
-
     config, meta = read_adapter_config(directory)
-    expected: dict[str, list[int]] = meta.get("base_model", {}).get("modules", {})
     if adapter_dtype is None and isinstance(getattr(torch, str(meta.get("dtype")), None), torch.dtype):
         adapter_dtype = getattr(torch, meta["dtype"])  # bit-exact round trip: keep the saved precision
     wrap(model, config, adapter_dtype=adapter_dtype)
     try:
-        found = {name: [layer.in_features, layer.out_features] for name, layer in moelora_layers(model)}
-        base_class = meta.get("base_model", {}).get("class_name")
-        for name, shape in found.items():  # model order, so the first mismatch is the first in the model
-            if name not in expected:
-                raise ValueError(
-                    f"the base model has target module {name!r} (d_in, d_out) = {tuple(shape)} that the adapter "
-                    f"does not cover; load the adapter into the base model it was trained on ({base_class})"
-                )
-            if list(expected[name]) != shape:
-                raise ValueError(
-                    f"module {name!r}: the adapter expects (d_in, d_out) = {tuple(expected[name])}, the base model "
-                    f"has {tuple(shape)}; load the adapter into the base model it was trained on ({base_class})"
-                )
-        missing = [name for name in expected if name not in found]
-        if missing:
-            raise ValueError(
-                f"the adapter has module {missing[0]!r} ({len(missing)} in all) that the base model lacks; "
-                f"load the adapter into the base model it was trained on ({base_class})"
-            )
-        weights_path = Path(directory) / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"missing {weights_path}")
-        params = {}
-        for name, layer in moelora_layers(model):
-            params[f"{name}.lora_A"] = layer.lora_A
-            params[f"{name}.lora_B"] = layer.lora_B
-            params[f"{name}.router.weight"] = layer.router.weight
-        with safe_open(str(weights_path), framework="pt") as f:
-            keys = set(f.keys())
-            if keys != set(params):
-                missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
-                raise ValueError(
-                    f"{weights_path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                )
-            with torch.no_grad():
-                for key, param in params.items():
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != param.shape:
-                        raise ValueError(
-                            f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                        )
-                    param.copy_(tensor)
+        load_adapter_weights(model, directory)
     except BaseException:
         unwrap(model)
         raise
+    return model
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the weights of the adapter in ``directory`` into the already wrapped ``model``.
+
+    Checks, in model order, that every wrapped module exists in the adapter with the same shape.
+    """
+    from safetensors import safe_open
+
+    _, meta = read_adapter_config(directory)
+    expected: dict[str, list[int]] = meta.get("base_model", {}).get("modules", {})
+    base_class = meta.get("base_model", {}).get("class_name")
+    found = {name: [layer.in_features, layer.out_features] for name, layer in moelora_layers(model)}
+    for name, shape in found.items():  # model order, so the first mismatch is the first in the model
+        if name not in expected:
+            raise ValueError(
+                f"the base model has target module {name!r} (d_in, d_out) = {tuple(shape)} that the adapter "
+                f"does not cover; load the adapter into the base model it was trained on ({base_class})"
+            )
+        if list(expected[name]) != shape:
+            raise ValueError(
+                f"module {name!r}: the adapter expects (d_in, d_out) = {tuple(expected[name])}, the base model "
+                f"has {tuple(shape)}; load the adapter into the base model it was trained on ({base_class})"
+            )
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise ValueError(
+            f"the adapter has module {missing[0]!r} ({len(missing)} in all) that the base model lacks; "
+            f"load the adapter into the base model it was trained on ({base_class})"
+        )
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"missing {weights_path}")
+    params = {}
+    for name, layer in moelora_layers(model):
+        params[f"{name}.lora_A"] = layer.lora_A
+        params[f"{name}.lora_B"] = layer.lora_B
+        params[f"{name}.router.weight"] = layer.router.weight
+    with safe_open(str(weights_path), framework="pt") as f:
+        keys = set(f.keys())
+        if keys != set(params):
+            missing_keys, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
+            raise ValueError(
+                f"{weights_path} does not match its config: missing {missing_keys[:3]}, unexpected {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            for key, param in params.items():
+                tensor = f.get_tensor(key)
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
     return model
