@@ -1,0 +1,178 @@
+"""``moelora`` command line: parse, build dataclasses, call the library. Errors the user can fix are one
+line on stderr (exit 2 for configuration mistakes, 1 for failures during the run), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything this tool loads is local
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (the embedded default job without CONFIG)")
+    p.add_argument("config", nargs="?", help="YAML run configuration (default: the embedded default job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a finished run's adapter on held-out data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="task to evaluate on (default: the run's task)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--method", choices=["loglik", "generate"], help="default: the run's eval.method")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a finished run's adapter")
+    p.add_argument("run_dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="speed comparisons against the usual alternatives")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and only the fast comparisons")
+    p.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    p.add_argument("--only", action="append", default=[], help="run only these comparisons (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelora", description="Fine-tune foundation models with a mixture of LoRA experts."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"moelora: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.loop import Trainer
+
+    config = load_config(args.config, args.overrides)
+    summary = Trainer(config, progress=not args.no_progress).run(resume=args.resume)
+    if summary:
+        print(Path(config.output_dir, "summary.md").read_text())
+    return 0
+
+
+def _load_run(run_dir: str):
+    from .model import load_adapter
+    from .train.config import load_config
+    from .train.models import is_encoder, load_model_and_tokenizer
+
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file() or not (folder / "adapter").is_dir():
+        raise FileNotFoundError(f"{folder} is not a finished run folder (needs config.yaml and adapter/)")
+    config = load_config(folder / "config.yaml")
+    return config, folder, load_adapter, is_encoder, load_model_and_tokenizer
+
+
+def cmd_eval(args) -> int:
+    from .train.tasks import TaskRuntime
+
+    config, folder, load_adapter, is_encoder, load_model_and_tokenizer = _load_run(args.run_dir)
+    if args.data:
+        config.data.task = args.data
+    if args.method:
+        config.eval.method = args.method
+    runtime = TaskRuntime.load(config)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model.name, config.model.dtype, config.model.random_config,
+        num_labels=runtime.task.num_labels if is_encoder(config.model.name) else None, seed=config.train.seed,
+    )
+    load_adapter(model, folder / "adapter")
+    if (folder / "checkpoints").is_dir():
+        _load_extra_trainable(model, folder)
+    runtime.attach(model, tokenizer)
+    examples = runtime.task.split(args.split)[: args.max_examples]
+    result = runtime._evaluate(examples, progress=not args.no_progress, label=args.split)
+    shown = {k: v for k, v in result.items() if k not in ("correct", "predictions")}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _load_extra_trainable(model, folder: Path) -> None:
+    """A trained classification head lives beside the adapter in the last checkpoint."""
+    from safetensors.torch import load_file
+
+    from .train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(folder / "checkpoints")
+    if checkpoints and (checkpoints[-1][1] / "trainable.safetensors").is_file():
+        params = dict(model.named_parameters())
+        import torch
+
+        with torch.no_grad():
+            for name, tensor in load_file(str(checkpoints[-1][1] / "trainable.safetensors")).items():
+                params[name].copy_(tensor)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    config, folder, load_adapter, is_encoder, load_model_and_tokenizer = _load_run(args.run_dir)
+    if is_encoder(config.model.name):
+        raise ValueError("generate needs a causal language model; this run trained an encoder classifier")
+    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype, config.model.random_config,
+                                                seed=config.train.seed)
+    load_adapter(model, folder / "adapter")
+    model.eval()
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.runner import run_benchmarks
+
+    run_benchmarks(quick=args.quick, json_out=args.json_out, only=args.only)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .data.errors import DataError
+    from .train.config import ConfigError
+    from .train.loop import TrainingError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        return _fail(str(err), 2)
+    except (DataError, TrainingError, FileNotFoundError, ValueError) as err:
+        return _fail(str(err), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

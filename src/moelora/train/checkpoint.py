@@ -1,0 +1,148 @@
+"""Checkpoints without pickle: nested state as JSON, its tensors in one safetensors file, folders atomic.
+
+A nested structure of dicts (string or int keys), lists, tuples, tensors and JSON scalars — such as an
+optimizer's ``state_dict()`` — is split into ``NAME.json`` (the structure, tensors replaced by
+``{"__tensor__": key}``) and ``NAME.safetensors`` (the tensors). A checkpoint folder is written under a
+temporary name and renamed into place, so a crash leaves either the whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_INT_KEYS = "__int_keys__"
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _flatten(v, tensors) for k, v in obj.items()}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {_INT_KEYS: [[k, _flatten(v, tensors)] for k, v in obj.items()]}
+        raise TypeError(f"cannot store a dict with mixed or non-string keys: {list(obj)[:5]}")
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store object of type {type(obj).__name__} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        if set(obj) == {_TUPLE}:
+            return tuple(_unflatten(v, tensors) for v in obj[_TUPLE])
+        if set(obj) == {_INT_KEYS}:
+            return {int(k): _unflatten(v, tensors) for k, v in obj[_INT_KEYS]}
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(obj: Any, directory: Path, name: str) -> None:
+    """Write ``directory/name.json`` and ``directory/name.safetensors`` (no pickle)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(obj, tensors)
+    (directory / f"{name}.json").write_text(json.dumps(structure))
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    from safetensors.torch import load_file
+
+    structure = json.loads((directory / f"{name}.json").read_text())
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return _unflatten(structure, tensors)
+
+
+def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Create folder ``target`` by filling a temporary sibling and renaming it (replaces an old one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` in ``folder``, oldest first (temporary folders are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for _, path in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))

