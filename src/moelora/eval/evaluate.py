@@ -1,0 +1,196 @@
+"""One entry point for evaluating a model on a task: ``evaluate(model, tokenizer, task, examples)``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.collate import EncoderCollator
+from ..data.example import Example, TaskData
+from .generation import extract_answer, generate_texts
+from .intervals import Interval, bootstrap_interval, wilson_interval
+from .metrics import accuracy, get_metric, pearson, spearman
+from .scoring import score_options
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("loglik", "generate", "classifier")
+
+
+@dataclass
+class EvalResult:
+    """The outcome of ``evaluate``.
+
+    Attributes:
+        task, method: what was evaluated and how (``"loglik"``, ``"generate"`` or ``"classifier"``).
+        metric, value: the task's headline metric and its value (accuracy as a fraction in [0, 1]).
+        interval: its confidence interval: Wilson for accuracy, percentile bootstrap otherwise.
+        predictions: per example, the predicted option / class index (``-1`` when no answer could be
+            extracted from generated text) or the predicted value (regression).
+        labels: per example, the true label.
+        correct: per example, whether the prediction is right (``None`` for regression).
+        metrics: every metric computed (e.g. ``accuracy`` next to ``f1``, ``pearson`` and ``spearman``).
+        scores: per example, the option scores (``loglik``) or class logits (``classifier``).
+        generations: per example, the generated text (``generate``).
+    """
+
+    task: str
+    method: str
+    metric: str
+    value: float
+    interval: Interval | None
+    predictions: list
+    labels: list
+    correct: list[bool] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    scores: list[list[float]] | None = None
+    generations: list[str] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+    def summary(self) -> str:
+        """E.g. ``"accuracy 78.2 % (95 % CI 75.5-80.7 %), n=1000, loglik"``."""
+        percent = self.metric == "accuracy"
+        scale, unit = (100, " %") if percent else (1, "")
+        text = f"{self.metric} {self.value * scale:.{1 if percent else 3}f}{unit}"
+        if self.interval is not None:
+            text += (f" ({self.interval.confidence * 100:.0f} % CI {self.interval.low * scale:.{1 if percent else 3}f}-"
+                     f"{self.interval.high * scale:.{1 if percent else 3}f}{unit})")
+        return f"{text}, n={self.n}, {self.method}"
+
+    def to_dict(self, *, per_example: bool = False) -> dict[str, Any]:
+        """A JSON-serialisable summary (with the per-example lists when ``per_example``)."""
+        out: dict[str, Any] = {
+            "task": self.task, "method": self.method, "metric": self.metric, "value": self.value,
+            "interval": None if self.interval is None else self.interval.to_dict(), "n": self.n,
+            "metrics": dict(self.metrics),
+        }
+        if per_example:
+            out.update(predictions=list(self.predictions), labels=list(self.labels), correct=self.correct)
+            if self.generations is not None:
+                out["generations"] = list(self.generations)
+        return out
+
+
+def _default_method(model: nn.Module, task: TaskData) -> str:
+    can_generate = getattr(model, "can_generate", None)
+    causal = bool(can_generate()) if callable(can_generate) else hasattr(model, "generate")
+    if task.kind == "regression" or not causal:
+        return "classifier"
+    return "loglik"
+
+
+def _classify(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, batch_size: int, max_length: int | None,
+    progress: bool,
+) -> tuple[list, list[list[float]]]:
+    collator = EncoderCollator(tokenizer, max_length or 256)
+    device = next(model.parameters()).device
+    predictions: list = []
+    logits_out: list[list[float]] = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(examples), batch_size), desc="classifying", disable=not progress, leave=False):
+            batch = collator(examples[start : start + batch_size])
+            batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()  # (B, num_labels)
+            if logits.shape[-1] == 1:
+                predictions.extend(logits[:, 0].tolist())
+            else:
+                predictions.extend(logits.argmax(-1).tolist())
+            logits_out.extend(logits.tolist())
+    return predictions, logits_out
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: TaskData,
+    examples: Sequence[Example] | None = None,
+    *,
+    method: str | None = None,
+    batch_size: int = 16,
+    normalize: str = "mean",
+    max_new_tokens: int = 10,
+    max_length: int | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` on ``examples`` (default: the task's held-out test split).
+
+    Methods:
+        ``"loglik"`` (default for causal LMs): the option with the highest log-likelihood
+            (``scoring.score_options``; ``normalize`` is ``"mean"`` per option token or ``"sum"``).
+        ``"generate"``: greedy generation of ``max_new_tokens`` tokens, then the option named in the
+            text (the answer letter, or the option's words for ``answer_format="text"`` tasks).
+        ``"classifier"`` (default for encoders and regression): argmax of a sequence-classification
+            head's logits, or its single output for regression.
+
+    The model is put in eval mode and gradients are off during the evaluation; its previous training
+    mode is restored afterwards.
+    """
+    examples = list(task.test if examples is None else examples)
+    if not examples:
+        raise ValueError(f"no examples to evaluate for task {task.name!r}")
+    method = method or _default_method(model, task)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if task.kind == "regression" and method != "classifier":
+        raise ValueError(f"task {task.name!r} is a regression task: evaluate it with method='classifier' "
+                         "(a model with a one-output sequence-classification head)")
+    if task.kind == "multiple_choice" and method == "classifier":
+        raise ValueError(f"task {task.name!r} has per-example options: use method='loglik' or 'generate'")
+
+    labels = [e.label for e in examples]
+    scores = generations = None
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "loglik":
+            scores = score_options(model, tokenizer, examples, batch_size=batch_size, normalize=normalize,
+                                   max_length=max_length, progress=progress)
+            predictions = [int(np.argmax(s)) for s in scores]
+        elif method == "generate":
+            generations = generate_texts(model, tokenizer, [e.prompt for e in examples],
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         max_length=max_length, progress=progress)
+            predictions = [extract_answer(g, e.options, task.answer_format) for g, e in zip(generations, examples)]
+            missing = sum(p < 0 for p in predictions)
+            if missing:
+                logger.info("%s: no answer found in %d of %d generations", task.name, missing, len(predictions))
+        else:
+            predictions, scores = _classify(model, tokenizer, examples, batch_size=batch_size,
+                                            max_length=max_length, progress=progress)
+    finally:
+        model.train(was_training)
+
+    metric_fn = get_metric(task.metric)
+    value = float(metric_fn(predictions, labels))
+    metrics = {task.metric: value}
+    if task.kind == "regression":
+        correct = None
+        metrics.update(pearson=pearson(predictions, labels), spearman=spearman(predictions, labels))
+    else:
+        correct = [p == y for p, y in zip(predictions, labels)]
+        metrics["accuracy"] = accuracy(predictions, labels)
+    if task.metric == "accuracy":
+        interval = wilson_interval(sum(correct), len(correct), confidence)
+    else:
+        interval = bootstrap_interval(metric_fn, predictions, labels, n_resamples=n_resamples,
+                                      confidence=confidence, seed=seed)
+    if any(isinstance(v, float) and math.isnan(v) for v in metrics.values()):
+        logger.warning("%s: a metric is NaN: %s", task.name, metrics)
+    result = EvalResult(task.name, method, task.metric, value, interval, predictions, labels, correct,
+                        metrics, scores, generations)
+    logger.info("%s: %s", task.name, result.summary())
+    return result
