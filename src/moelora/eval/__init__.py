@@ -3,7 +3,14 @@
 
 from .evaluate import EvalResult, evaluate
 from .generation import extract_answer, extract_letter, extract_text_option, generate_texts
-from .intervals import Difference, Interval, bootstrap_interval, paired_bootstrap, wilson_interval
+from .intervals import (
+    Difference,
+    Interval,
+    bootstrap_interval,
+    paired_bootstrap,
+    paired_bootstrap_difference,
+    wilson_interval,
+)
 from .metrics import (
     METRICS,
     accuracy,
@@ -33,6 +40,7 @@ __all__ = [
     "get_metric",
     "matthews_corrcoef",
     "paired_bootstrap",
+    "paired_bootstrap_difference",
     "pearson",
     "pearson_spearman",
     "rankdata",

@@ -67,12 +67,14 @@ class EvalResult:
                      f"{self.interval.high * scale:.{1 if percent else 3}f}{unit})")
         return f"{text}, n={self.n}, {self.method}"
 
-    def to_dict(self, *, per_example: bool = False) -> dict[str, Any]:
-        """A JSON-serialisable summary (with the per-example lists when ``per_example``)."""
+    def to_dict(self, *, per_example: bool = True) -> dict[str, Any]:
+        """A JSON-serialisable form: ``interval`` is ``[low, high]`` (level in ``confidence``); with
+        ``per_example``, also ``predictions``, ``labels``, ``correct`` (and ``generations``)."""
         out: dict[str, Any] = {
             "task": self.task, "method": self.method, "metric": self.metric, "value": self.value,
-            "interval": None if self.interval is None else self.interval.to_dict(), "n": self.n,
-            "metrics": dict(self.metrics),
+            "interval": None if self.interval is None else [self.interval.low, self.interval.high],
+            "confidence": None if self.interval is None else self.interval.confidence,
+            "n": self.n, "metrics": dict(self.metrics),
         }
         if per_example:
             out.update(predictions=list(self.predictions), labels=list(self.labels), correct=self.correct)
@@ -91,14 +93,14 @@ def _default_method(model: nn.Module, task: TaskData) -> str:
 
 def _classify(
     model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, batch_size: int, max_length: int | None,
-    progress: bool,
+    progress: bool, desc: str | None,
 ) -> tuple[list, list[list[float]]]:
     collator = EncoderCollator(tokenizer, max_length or 256)
     device = next(model.parameters()).device
     predictions: list = []
     logits_out: list[list[float]] = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(examples), batch_size), desc="classifying", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(examples), batch_size), desc=desc or "classifying", disable=not progress, leave=False):
             batch = collator(examples[start : start + batch_size])
             batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()  # (B, num_labels)
@@ -125,6 +127,7 @@ def evaluate(
     n_resamples: int = 2000,
     seed: int = 0,
     progress: bool = False,
+    desc: str | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``examples`` (default: the task's held-out test split).
 
@@ -137,7 +140,7 @@ def evaluate(
             head's logits, or its single output for regression.
 
     The model is put in eval mode and gradients are off during the evaluation; its previous training
-    mode is restored afterwards.
+    mode is restored afterwards. ``progress`` shows a tqdm bar labelled ``desc``.
     """
     examples = list(task.test if examples is None else examples)
     if not examples:
@@ -158,19 +161,19 @@ def evaluate(
     try:
         if method == "loglik":
             scores = score_options(model, tokenizer, examples, batch_size=batch_size, normalize=normalize,
-                                   max_length=max_length, progress=progress)
+                                   max_length=max_length, progress=progress, desc=desc)
             predictions = [int(np.argmax(s)) for s in scores]
         elif method == "generate":
             generations = generate_texts(model, tokenizer, [e.prompt for e in examples],
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         max_length=max_length, progress=progress)
+                                         max_length=max_length, progress=progress, desc=desc)
             predictions = [extract_answer(g, e.options, task.answer_format) for g, e in zip(generations, examples)]
             missing = sum(p < 0 for p in predictions)
             if missing:
                 logger.info("%s: no answer found in %d of %d generations", task.name, missing, len(predictions))
         else:
             predictions, scores = _classify(model, tokenizer, examples, batch_size=batch_size,
-                                            max_length=max_length, progress=progress)
+                                            max_length=max_length, progress=progress, desc=desc)
     finally:
         model.train(was_training)
 

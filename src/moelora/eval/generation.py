@@ -30,6 +30,7 @@ def generate_texts(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = False,
+    desc: str | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (special tokens removed), batched with left padding.
 
@@ -53,7 +54,7 @@ def generate_texts(
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(encoded)
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc or "generating", disable=not progress, leave=False):
             indices = order[start : start + batch_size]
             batch = pad_batch([encoded[i] for i in indices], collator.pad_id, padding_side="left")
             input_ids = batch["input_ids"].to(device)

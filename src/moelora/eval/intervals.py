@@ -34,7 +34,7 @@ class Interval:
 
 @dataclass(frozen=True)
 class Difference:
-    """``estimate = metric(b) - metric(a)`` with a paired-bootstrap interval.
+    """``estimate = metric(a) - metric(b)`` with a paired-bootstrap interval.
 
     ``p_value`` is the two-sided bootstrap p-value of "no difference": twice the smaller fraction of
     resampled differences on either side of 0 (at most 1).
@@ -124,7 +124,7 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Difference:
-    """Paired bootstrap of the difference ``b - a`` between two systems on the same examples.
+    """Paired bootstrap of the difference ``a - b`` between two systems on the same examples.
 
     Each resample draws ``n`` example indices with replacement and evaluates both systems on the same
     draw, so the example-to-example variation shared by both cancels.
@@ -144,7 +144,7 @@ def paired_bootstrap(
     if labels is None:
         if metric is not None:
             raise ValueError("metric needs labels (a and b are then predictions)")
-        delta = b_arr.astype(np.float64) - a_arr.astype(np.float64)
+        delta = a_arr.astype(np.float64) - b_arr.astype(np.float64)
         estimate = float(delta.mean())
         samples = np.concatenate([delta[idx].mean(axis=1) for idx in _resample_indices(n, n_resamples, seed)])
     else:
@@ -152,10 +152,22 @@ def paired_bootstrap(
         if y.shape != a_arr.shape:
             raise ValueError("labels must have the same length as the predictions")
         metric = metric or accuracy
-        estimate = metric(b_arr, y) - metric(a_arr, y)
+        estimate = metric(a_arr, y) - metric(b_arr, y)
         samples = np.array([
-            metric(b_arr[i], y[i]) - metric(a_arr[i], y[i])
+            metric(a_arr[i], y[i]) - metric(b_arr[i], y[i])
             for chunk in _resample_indices(n, n_resamples, seed) for i in chunk
         ])
     p_value = min(1.0, 2 * min(np.mean(samples <= 0), np.mean(samples >= 0)))
     return Difference(estimate, _percentiles(samples, confidence, "paired bootstrap"), float(p_value), n, n_resamples)
+
+
+def paired_bootstrap_difference(
+    a: ArrayLike, b: ArrayLike, *, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean(a) - mean(b), low, high)``: ``paired_bootstrap`` of per-example scores as a tuple.
+
+    E.g. ``a`` = fine-tuned correctness, ``b`` = zero-shot correctness on the same examples: the
+    improvement in accuracy and its interval.
+    """
+    result = paired_bootstrap(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    return result.estimate, result.interval.low, result.interval.high

@@ -96,6 +96,7 @@ def score_options(
     normalize: str = "mean",
     max_length: int | None = None,
     progress: bool = False,
+    desc: str | None = None,
 ) -> list[list[float]]:
     """Log-likelihood score of every option of every example (see the module docstring).
 
@@ -121,7 +122,7 @@ def score_options(
     accepted = _forward_kwargs(model)
     device = next(model.parameters()).device
     with torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc or "scoring", disable=not progress, leave=False):
             chunk = rows[start : start + batch_size]
             batch = pad_batch([r.ids for r in chunk], collator.pad_id, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items()}
