@@ -1,0 +1,197 @@
+"""Per-expert Riemannian preconditioners, as batched damped Cholesky solves (method.md section 4).
+
+For expert ``i`` of a layer, with ``A_i`` ``(r, d_in)``, ``B_i`` ``(d_out, r)`` and damping ``reg``:
+
+    "riemannian"     grad_A_i <- (B_i^T B_i + reg I)^-1 dL/dA_i          grad_B_i <- dL/dB_i (A_i A_i^T + reg I)^-1
+    "gate_rescaled"  grad_A_i <- (c_i^2 B_i^T B_i + reg I)^-1 dL/dA_i    grad_B_i <- dL/dB_i (c_i^2 A_i A_i^T + reg I)^-1
+
+with ``c_i^2 = max(sum_t g_it^2 / n_tokens, gate_floor)`` from the layer's gate statistics.
+
+Every ``r x r`` system of every expert of every layer that shares a rank, a device and a damping is solved
+in one batch: Gram matrices ``(N, r, r)`` -> ``cholesky_ex`` -> ``cholesky_inverse`` -> one batched matmul
+per factor. Solves run in float32 at least (float64 stays float64). A factorisation that fails (not
+positive definite, or non-finite) is counted and reported, never silently replaced: a warning gives the
+counts and the affected experts' preconditioned gradients are zero for that step; if every factorisation
+fails the step raises ``PreconditionerError`` before any parameter changes.
+
+This module only maps gradients to preconditioned gradients; the update rule (SGD, AdamW) is separate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from ..layer import MoELoRALinear
+from .groups import SIDE_A, ExpertFactor
+
+NONE = "none"
+RIEMANNIAN = "riemannian"
+GATE_RESCALED = "gate_rescaled"
+PRECONDITIONERS = (NONE, RIEMANNIAN, GATE_RESCALED)
+
+
+class PreconditionerWarning(RuntimeWarning):
+    """Some ``r x r`` factorisations failed; the affected experts got a zero preconditioned gradient."""
+
+
+class PreconditionerError(RuntimeError):
+    """Every ``r x r`` factorisation of a step failed; no parameter was updated by that solve."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Solves run in float32 at least: bfloat16 / float16 -> float32, float32 -> float32, float64 -> float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
+    """``{id(layer): (E,) sum_t g_t^2 / n_tokens}``, summed over all replicas under ``torch.distributed``.
+
+    The (sum, count) pairs of all layers on one device travel in a single all-reduce, so every replica
+    preconditions with the same ``c^2``. Layers that recorded no token since the last step (the forward ran
+    in eval mode or under ``no_grad``) give 0, which ``gate_floor`` then lifts; a warning says how many.
+    """
+    by_device: dict[torch.device, list[MoELoRALinear]] = defaultdict(list)
+    for layer in layers:
+        by_device[layer.gate_sq_sum.device].append(layer)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    means: dict[int, torch.Tensor] = {}
+    empty = []
+    for device_layers in by_device.values():
+        # (L, E + 1) rows of [sum g^2 per expert..., token count]; layers may differ in E, so pack flat.
+        packed = torch.cat([torch.cat([l.gate_sq_sum, l.gate_token_count.reshape(1)]) for l in device_layers])
+        if distributed:
+            torch.distributed.all_reduce(packed)
+        offset = 0
+        counts = []
+        for layer in device_layers:
+            stats = packed[offset : offset + layer.num_experts + 1]
+            offset += layer.num_experts + 1
+            means[id(layer)] = stats[:-1] / stats[-1].clamp_min(1.0)
+            counts.append(stats[-1])
+        empty.append((torch.stack(counts) == 0).sum())
+    num_empty = int(torch.stack(empty).sum()) if empty else 0
+    if num_empty:
+        warnings.warn(
+            f"gate_rescaled: {num_empty} of {len(layers)} MoE-LoRA layers recorded no token since the last "
+            f"optimizer step (was the forward run in eval mode or under torch.no_grad()?); their c^2 is "
+            f"gate_floor",
+            PreconditionerWarning,
+            stacklevel=3,
+        )
+    return means
+
+
+def precondition(
+    factors: Sequence[ExpertFactor],
+    grads: Sequence[torch.Tensor],
+    regs: Sequence[float],
+    gate_scales: Sequence[tuple[torch.Tensor, float] | None],
+) -> list[torch.Tensor]:
+    """Preconditioned gradients of stacked expert factors, solved in batches.
+
+    Args:
+        factors: the expert factors; ``factor.side == "A"``: ``grad`` is ``(E, r, d_in)`` and is multiplied on
+            the left by ``(c^2 B^T B + reg I)^-1`` of the same layer's ``B``; ``"B"``: ``grad`` is
+            ``(E, d_out, r)``, multiplied on the right by ``(c^2 A A^T + reg I)^-1``.
+        grads: ``dL/dfactor``, one per factor (not modified).
+        regs: damping ``reg > 0`` per factor.
+        gate_scales: per factor, ``None`` for the classic preconditioner (``c = 1``), or ``(mean, floor)``
+            with ``mean`` the layer's ``(E,)`` mean of ``g^2``: ``c^2 = max(mean, floor)``.
+
+    Returns:
+        One tensor per factor, shaped and typed like its ``grad``, freshly allocated and contiguous.
+
+    Raises:
+        PreconditionerError: every factorisation failed.
+    """
+    # Batch key: everything that must be equal for the (N, r, r) systems to be solved together.
+    batches: dict[tuple, list[int]] = defaultdict(list)
+    for index, factor in enumerate(factors):
+        scale = gate_scales[index]
+        dtype = compute_dtype(factor.param.dtype)
+        rank = factor.param.shape[1] if factor.side == SIDE_A else factor.param.shape[2]
+        batches[(factor.param.device, dtype, rank, float(regs[index]), None if scale is None else scale[1])].append(index)
+
+    out: list[torch.Tensor | None] = [None] * len(factors)
+    failures = []  # per batch: [not positive definite, non-finite, failed on the A side] as 0-d tensors
+    total = 0
+    for (_, dtype, _, reg, floor), indices in batches.items():
+        indices.sort(key=lambda i: factors[i].side != SIDE_A)  # A-factors first, to count failures per side
+        grams = [_gram(factors[i], dtype) for i in indices]
+        sizes = [g.shape[0] for g in grams]
+        systems = torch.cat(grams)  # (N, r, r), N = sum of the layers' E
+        if floor is not None:
+            c2 = torch.cat([gate_scales[i][0] for i in indices]).to(dtype).clamp_min_(floor)
+            systems.mul_(c2[:, None, None])
+        systems.diagonal(dim1=-2, dim2=-1).add_(reg)
+        inverses, not_pd, non_finite = damped_inverse(systems)
+        num_a = sum(size for i, size in zip(indices, sizes) if factors[i].side == SIDE_A)
+        failed = not_pd | non_finite
+        failures.append(torch.stack([not_pd.sum(), non_finite.sum(), failed[:num_a].sum()]))
+        total += systems.shape[0]
+        for index, inverse in zip(indices, inverses.split(sizes)):
+            out[index] = _apply(factors[index].side, grads[index], inverse)
+    if failures:
+        _report(torch.stack(failures).sum(0).tolist(), total, regs)
+    return out  # type: ignore[return-value]
+
+
+def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverses of symmetric positive definite ``(N, r, r)`` systems through one batched Cholesky.
+
+    Returns ``(inverses, not_pd, non_finite)``: ``(N, r, r)`` inverses with the failed ones set to zero, and
+    two disjoint ``(N,)`` masks: the factorisation failed (``info > 0``), or it succeeded but its inverse is
+    not finite.
+    """
+    chol, info = torch.linalg.cholesky_ex(systems)
+    # cholesky_inverse reads only the lower triangle, and is several times faster than cholesky_solve
+    # against wide right-hand sides; the inverse is then applied with one batched matmul per factor.
+    inverses = torch.cholesky_inverse(chol)
+    not_pd = info != 0
+    non_finite = ~torch.isfinite(inverses).flatten(1).all(dim=1) & ~not_pd
+    return inverses.masked_fill_((not_pd | non_finite)[:, None, None], 0.0), not_pd, non_finite
+
+
+def _gram(factor: ExpertFactor, dtype: torch.dtype) -> torch.Tensor:
+    """``(E, r, r)`` Gram matrix of the partner factor: ``B^T B`` for an A-factor, ``A A^T`` for a B-factor."""
+    other = factor.partner.detach()
+    if other.dtype != dtype:
+        other = other.to(dtype)
+    if factor.side == SIDE_A:
+        return torch.bmm(other.mT, other)  # (E, d_out, r) -> (E, r, r)
+    return torch.bmm(other, other.mT)  # (E, r, d_in) -> (E, r, r)
+
+
+def _apply(side: str, grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``P @ grad`` for ``(E, r, d_in)`` A-gradients, ``grad @ P`` for ``(E, d_out, r)`` B-gradients."""
+    g = grad if grad.dtype == inverse.dtype else grad.to(inverse.dtype)
+    out = torch.bmm(inverse, g) if side == SIDE_A else torch.bmm(g, inverse)
+    return out if out.dtype == grad.dtype else out.to(grad.dtype)
+
+
+def _report(counts: list[int], total: int, regs: Sequence[float]) -> None:
+    not_pd, non_finite, failed_a = (int(c) for c in counts)
+    failed = not_pd + non_finite
+    if not failed:
+        return
+    detail = (
+        f"{not_pd} not positive definite, {non_finite} non-finite; {failed_a} on the A side "
+        f"((c^2 B^T B + reg I)), {failed - failed_a} on the B side ((c^2 A A^T + reg I))"
+    )
+    hint = (
+        f"check the adapter weights and gradients for inf/NaN, or increase reg (now {sorted(set(regs))})"
+    )
+    if failed == total:
+        raise PreconditionerError(
+            f"every one of the {total} r x r preconditioner factorisations failed ({detail}); {hint}"
+        )
+    warnings.warn(
+        f"{failed} of {total} r x r preconditioner factorisations failed ({detail}); those experts' "
+        f"preconditioned gradients are zero for this step; {hint}",
+        PreconditionerWarning,
+        stacklevel=3,
+    )
