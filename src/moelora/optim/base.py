@@ -18,6 +18,7 @@ dictionaries and ``state_dict`` / ``load_state_dict`` are torch's own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -175,7 +176,8 @@ def _select(w: _GroupWork, indices: list[int]) -> _GroupWork:
 def _clip_coefficient(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``min(1, max_norm / (||grads||_2 + 1e-6))`` as a 0-d tensor, as ``torch.nn.utils.clip_grad_norm_``."""
     norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, dtype) for n in norms]))
     return (max_norm / (total + 1e-6)).clamp_max(1.0)
 
 

@@ -32,12 +32,9 @@ class _Reference(Optimizer):
             return grad
         layer = factor.layer
         out = torch.empty_like(grad)
-        count = max(float(layer.gate_token_count), 1.0)
+        mean = layer.gate_sq_mean()  # (E,) sum_t g_t^2 / n_tokens
         for e in range(layer.num_experts):
-            if group["preconditioner"] == "gate_rescaled":
-                c2 = max(float(layer.gate_sq_sum[e]) / count, group["gate_floor"])
-            else:
-                c2 = 1.0
+            c2 = max(float(mean[e]), group["gate_floor"]) if group["preconditioner"] == "gate_rescaled" else 1.0
             eye = torch.eye(layer.rank, dtype=torch.float64)
             if factor.side == SIDE_A:
                 b = layer.lora_B[e].detach().double()
