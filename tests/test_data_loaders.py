@@ -19,6 +19,7 @@ from moelora.data import (
     LabelOutOfRangeError,
     MalformedRowError,
     TaskData,
+    UnknownOptionError,
     UnknownTaskError,
     available_tasks,
     load_task,
@@ -74,8 +75,11 @@ def test_registry_lists_tasks_and_rejects_unknown():
         assert name in names
     with pytest.raises(UnknownTaskError, match="available"):
         load_task("no_such_task")
-    with pytest.raises(TypeError, match="does not take 'bogus'"):
+    with pytest.raises(UnknownOptionError, match="does not take 'bogus'; it takes: .*answer_format") as err:
         load_task("boolq", data_dir=FIXTURES / "boolq", bogus=1)
+    assert isinstance(err.value, DataError) and isinstance(err.value, TypeError)
+    with pytest.raises(UnknownOptionError, match="does not read local files"):
+        load_task("siqa", data_dir=FIXTURES)
 
 
 # --- the paper's datasets in their public formats -------------------------------------------------------

@@ -15,6 +15,7 @@ from .errors import (
     EmptySplitError,
     LabelOutOfRangeError,
     MalformedRowError,
+    UnknownOptionError,
     UnknownTaskError,
 )
 from .example import Example, TaskData
@@ -33,6 +34,7 @@ __all__ = [
     "LengthGroupedBatchSampler",
     "MalformedRowError",
     "TaskData",
+    "UnknownOptionError",
     "UnknownTaskError",
     "answer_logits_to_keep",
     "answer_loss",

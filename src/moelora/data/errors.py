@@ -67,3 +67,7 @@ class EmptySplitError(DataError):
 
 class UnknownTaskError(DataError):
     """``load_task`` was given a name that no loader is registered for."""
+
+
+class UnknownOptionError(DataError, TypeError):
+    """``load_task`` was given an option that the task's loader does not take."""

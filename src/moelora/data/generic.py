@@ -24,7 +24,6 @@ and ``test.*`` with a supported suffix.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re

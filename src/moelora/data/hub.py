@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DataError, MalformedRowError
+from .errors import DataError
 from .example import Example, TaskData
 from .generic import mc_row_parser
 from .glue import GLUE_TASKS, glue_parser

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UnknownTaskError
+from .errors import UnknownOptionError, UnknownTaskError
 from .example import TaskData
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def load_task(
         seed: chooses the ``max_train`` subset; the splits themselves are fixed (``split_seed``).
         max_train: keep a seeded random subset of this many training examples.
         max_eval: keep the first ``max_eval`` validation and test examples (a fixed subset).
-        **kwargs: loader-specific options (e.g. ``answer_format``, ``split_seed``, file paths).
+        **kwargs: loader-specific options (e.g. ``answer_format``, ``split_seed``, file paths); an option
+            the loader does not take raises ``UnknownOptionError`` (a ``DataError`` and ``TypeError``)
+            listing the valid ones.
     """
     loader = get_loader(name)
     params = inspect.signature(loader).parameters
@@ -83,7 +85,7 @@ def load_task(
     valid = [p for p in params if p != "name" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = [k for k in kwargs if k not in valid]
     if unknown and not accepts_any:
-        raise TypeError(
+        raise UnknownOptionError(
             f"task {name!r} does not take {', '.join(map(repr, unknown))}; it takes: {', '.join(valid)}"
         )
     common = {"cache_dir": cache_dir, "data_dir": data_dir, "seed": seed}
@@ -91,7 +93,7 @@ def load_task(
         if key in valid or accepts_any:
             kwargs[key] = value
         elif key == "data_dir" and value is not None:
-            raise TypeError(f"task {name!r} does not read local files (data_dir was given)")
+            raise UnknownOptionError(f"task {name!r} does not read local files (data_dir was given)")
     task = loader(name, **kwargs)
     if max_train is not None or max_eval is not None:
         task = task.limit(max_train=max_train, max_eval=max_eval, seed=seed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
