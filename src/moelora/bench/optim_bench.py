@@ -19,7 +19,7 @@ Only expert tensors are stepped (no routers). Gradients stay fixed across repeat
 overwrites ``.grad`` with its preconditioned gradient, so each of its steps gets a fresh copy made before
 timing starts and swapped in by reference (one attribute assignment per tensor, inside its timing).
 
-    python -m moelora.bench.optim_bench [--quick] [--json PATH]
+    python -m moelora.bench.optim_bench [--quick] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -196,8 +196,11 @@ def _table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's)")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(quick=args.quick)
     print(_table(result))
     if args.json:

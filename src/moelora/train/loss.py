@@ -11,30 +11,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import answer_loss
+
 IGNORE_INDEX = -100
 
 
 class CausalLMAnswerLoss(nn.Module):
-    """Cross-entropy on the answer tokens only, with the LM head applied only where there are labels.
+    """Cross-entropy summed over the answer tokens, the LM head applied only where there are labels.
 
     ``labels`` (B, T) hold the token to predict at each position, ``-100`` elsewhere, aligned with
-    ``input_ids`` as in ``transformers`` (position ``t`` predicts ``labels[t]`` from ``input_ids[:t]``).
-    The full-vocabulary logits of every position (B x T x V) are never formed: the hidden states of the
-    N positions that predict an answer token are gathered (N x H) and only they go through the head.
+    ``input_ids`` as in ``transformers``. See ``moelora.data.answer_loss`` (strategy ``"gather"``): the
+    full-vocabulary logits of every position (B x T x V) are never formed.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        body = self.model.base_model
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, keep.sum()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
+        # "gather" calls the body directly; that is safe here because DDP wraps this module, not the model.
+        loss_sum = answer_loss(self.model, batch, strategy="gather", reduction="sum")
+        return loss_sum, (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 class SequenceClassificationLoss(nn.Module):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..data import Example, TaskData, load_task
+from ..data import CausalLMCollator, EncoderCollator, Example, TaskData, load_task
 from .config import RunConfig
 from .loss import IGNORE_INDEX
 from .models import is_encoder
@@ -26,7 +25,7 @@ class TaskRuntime:
     encoder: bool
     model: nn.Module | None = None
     tokenizer: Any = None
-    _train_ids: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    _collator: Any = None
 
     @classmethod
     def load(cls, config: RunConfig) -> "TaskRuntime":
@@ -44,8 +43,11 @@ class TaskRuntime:
 
     def attach(self, model: nn.Module, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
-        if not self.encoder:
-            self._train_ids = [self._encode(ex) for ex in self.task.train]
+        if self.encoder:
+            self._collator = EncoderCollator(tokenizer, self.config.data.max_length)
+        else:
+            # Right padding: position ids stay 0..n-1 for every row and the answer follows its prompt.
+            self._collator = CausalLMCollator(tokenizer, self.config.data.max_length, padding_side="right")
 
     def after_wrap(self, model: nn.Module) -> None:
         """An encoder's new classification head trains with the adapters."""
@@ -56,49 +58,20 @@ class TaskRuntime:
             head.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------ training data
-    def _encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """Prompt and answer token ids, truncated from the left of the prompt to ``max_length``."""
-        prompt = self.tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        answer = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"]
-        budget = self.config.data.max_length - len(answer)
-        if budget < 1:
-            raise ValueError(f"data.max_length ({self.config.data.max_length}) leaves no room for the prompt")
-        return prompt[-budget:], answer
-
     def train_lengths(self) -> list[int]:
+        """Token lengths of the training sequences (characters for encoders), for length grouping."""
         if self.encoder:
             return [len(ex.text) + len(ex.text_pair or "") for ex in self.task.train]
-        return [len(p) + len(a) for p, a in self._train_ids]
+        return self._collator.token_lengths(self.task.train)
 
     def collate_train(self, indices: list[int]) -> dict[str, Any]:
-        """``{"inputs": model kwargs, "n_targets": loss terms, "n_tokens": real tokens}`` for examples."""
+        """``{"inputs": loss-module kwargs, "n_targets": loss terms, "n_tokens": real tokens}``."""
+        inputs = self._collator([self.task.train[i] for i in indices])
         if self.encoder:
-            examples = [self.task.train[i] for i in indices]
-            pairs = [ex.text_pair for ex in examples]
-            enc = self.tokenizer(
-                [ex.text for ex in examples], pairs if any(p is not None for p in pairs) else None,
-                truncation=True, max_length=self.config.data.max_length, padding=True, return_tensors="pt",
-            )
-            dtype = torch.float32 if self.task.kind == "regression" else torch.long
-            labels = torch.tensor([ex.label for ex in examples], dtype=dtype)
-            inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-            if "token_type_ids" in enc:
-                inputs["token_type_ids"] = enc["token_type_ids"]
-            return {"inputs": inputs, "n_targets": len(examples), "n_tokens": int(enc["attention_mask"].sum())}
-        rows = [self._train_ids[i] for i in indices]
-        width = max(len(p) + len(a) for p, a in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (prompt, answer) in enumerate(rows):
-            n = len(prompt) + len(answer)
-            input_ids[row, :n] = torch.tensor(prompt + answer)
-            labels[row, len(prompt) : n] = torch.tensor(answer)  # by position, never by pad id
-            attention[row, :n] = 1
-        n_targets = sum(len(a) for _, a in rows)
-        return {"inputs": {"input_ids": input_ids, "attention_mask": attention, "labels": labels},
-                "n_targets": n_targets, "n_tokens": int(attention.sum())}
+            n_targets = inputs["labels"].shape[0]
+        else:
+            n_targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return {"inputs": inputs, "n_targets": n_targets, "n_tokens": int(inputs["attention_mask"].sum())}
 
     # ------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, examples: list[Example], progress: bool, label: str) -> dict[str, Any]:

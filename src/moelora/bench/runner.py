@@ -1,0 +1,84 @@
+"""``moelora bench``: every speed comparison, each against its baseline in the same run, as one table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+# (comparison, target, how to read the ratio)
+TARGETS = {
+    "layer.speedup_vs_per_expert_loop": (">=", 5.0),
+    "layer.cost_vs_dense_lora": ("<=", 1.2),
+    "layer_sparse.sparse_speedup_vs_dense": (">=", 1.0),
+    "optimizer.cost_vs_torch_adamw": ("<=", 1.3),
+    "optimizer.speedup_vs_per_expert_loop": (">=", 10.0),
+    "optimizer.speedup_vs_peft_riemannian": (">=", 1.0),
+    "train.step.cost_vs_peft_lora": ("<=", 1.1),
+    "train.throughput.speedup_vs_plain": (">=", 1.3),
+    "train.memory.ratio_vs_peft_lora": ("<=", 1.1),
+}
+
+
+def machine() -> dict:
+    return {
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "processor": platform.machine(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _lookup(results: dict, dotted: str):
+    node = results
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[str] | None = None) -> dict:
+    """Run the comparisons (``only`` picks some of: layer, layer_sparse, optimizer, train) and print a table."""
+    from . import layer_bench, optim_bench, train_bench
+
+    suites = {
+        "layer": lambda: layer_bench.run(quick=quick),
+        "layer_sparse": lambda: layer_bench.run_sparse(quick=quick),
+        "optimizer": lambda: optim_bench.run(quick=quick),
+        "train": lambda: train_bench.run(quick=quick),
+    }
+    unknown = sorted(set(only or []) - set(suites))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {sorted(suites)}")
+    results: dict = {"machine": machine(), "quick": quick}
+    for name, suite in suites.items():
+        if only and name not in only:
+            continue
+        print(f"running {name} ...", flush=True)
+        results[name] = suite()
+    print(format_table(results))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ["| comparison | ratio | target | met |", "|---|---:|---:|:---:|"]
+    for key, (op, target) in TARGETS.items():
+        value = _lookup(results, key)
+        if value is None:
+            continue
+        met = value >= target if op == ">=" else value <= target
+        lines.append(f"| {key} | {value:.2f} | {op} {target:g} | {'yes' if met else 'no'} |")
+    m = results["machine"]
+    lines.append("")
+    lines.append(f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), {m['date']}")
+    return "\n".join(lines)
