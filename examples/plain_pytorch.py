@@ -1,0 +1,139 @@
+"""Fine-tune a causal language model with MoE-LoRA experts in a plain PyTorch loop.
+
+    python examples/plain_pytorch.py                  # tiny random Llama, in-memory data, a few seconds on a CPU
+    python examples/plain_pytorch.py --model models/Llama-3.2-3B --task scienceqa --data-dir data/scienceqa \
+        --steps 2000 --batch-size 80 --grad-accum 10 --optimizer adamw --lr 1e-5
+
+The whole method is four calls: ``moelora.wrap`` (experts and routers into the attention projections),
+``param_groups`` + ``RiemannianAdamW`` / ``RiemannianSGD`` (preconditioned experts, slow clipped routers),
+``moelora.save_adapter`` and ``moelora.load_adapter``. Everything else is an ordinary training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+import moelora
+from moelora.data import CausalLMCollator, Example, answer_loss, load_task
+from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
+
+
+def load_base(model_path: str | None, seed: int = 0):
+    """``(model, tokenizer)``: a local Hugging Face folder, or a tiny random Llama when ``model_path`` is None."""
+    if model_path is None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from moelora.train.models import byte_level_tokenizer
+
+        tokenizer = byte_level_tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id,
+                             # 5x the usual init: at 0.02 a random LM head is too weak to ever make confident
+                             # predictions, and the loss of a tiny run would hardly move.
+                             initializer_range=0.1)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).to(device), tokenizer
+
+
+def tiny_examples(n: int = 64, seed: int = 0) -> list[Example]:
+    """A small sentiment task held in memory: the answer is " positive" or " negative"."""
+    good, bad = ["great", "moving", "superb", "charming", "clever"], ["dull", "clumsy", "tedious", "awful", "flat"]
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        word = rng.choice(bad if label else good)
+        text = f"A {word} film."
+        examples.append(Example(prompt=f"Review: {text}\nSentiment:", options=(" positive", " negative"),
+                                label=label, text=text))
+    return examples
+
+
+def main(model_path: str | None = None, task: str | None = None, data_dir: str | None = None,
+         out_dir: str = "runs/examples/plain_pytorch", steps: int = 30, batch_size: int = 8, grad_accum: int = 1,
+         optimizer: str = "adamw", lr: float | None = None, router_lr: float | None = None,
+         preconditioner: str = "riemannian", gate_power: float = 0.5, seed: int = 0) -> dict:
+    """Train, save the adapter, load it back into the base model and check the logits are unchanged.
+
+    Learning rates default to the paper's (experts 1e-5 AdamW / 3e-5 SGD, routers 3e-8) for a real model,
+    and to much larger ones for the tiny random model, which has to learn in a few dozen steps.
+    """
+    tiny = model_path is None
+    lr = lr or (1e-2 if tiny else {"adamw": 1e-5, "sgd": 3e-5}[optimizer])
+    router_lr = router_lr or (1e-3 if tiny else 3e-8)
+    model, tokenizer = load_base(model_path, seed)
+    device = next(model.parameters()).device
+    train = tiny_examples(seed=seed) if task is None else load_task(task, data_dir=data_dir).train
+
+    moelora.wrap(model, moelora.MoELoRAConfig(num_experts=20, top_k=10, rank=4, alpha=16, dropout=0.05,
+                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                              gate_backward_power=gate_power))  # 0.5: the paper's method
+    groups = param_groups(model, lr=lr, router_lr=router_lr, router_max_grad_norm=1.0)
+    if optimizer == "adamw":  # the paper's code also used bias_correction=False, eps=1e-6, b_from_updated_a=True
+        opt = RiemannianAdamW(groups, lr=lr, weight_decay=0.0, preconditioner=preconditioner)
+    else:
+        opt = RiemannianSGD(groups, lr=lr, preconditioner=preconditioner)
+    # The paper's schedule: no warm-up, linear decay to 0.1x of the peak over the run.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.9 * step / steps)
+    collate = CausalLMCollator(tokenizer, max_length=512)
+    rng = random.Random(seed)
+    micro = batch_size // grad_accum
+
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch_examples = rng.sample(train, batch_size)
+        total = 0.0
+        for i in range(grad_accum):
+            batch = {k: v.to(device) for k, v in collate(batch_examples[i * micro:(i + 1) * micro]).items()}
+            loss = answer_loss(model, batch) / grad_accum  # LM head applied on answer tokens only
+            loss.backward()
+            total += loss.item()
+        opt.step()  # preconditions each expert pair, clips and updates the routers
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        if step % 10 == 0 or step == steps - 1:
+            print(f"step {step + 1:4d}  loss {total:.4f}  lr {sched.get_last_lr()[0]:.2e}")
+
+    moelora.save_adapter(model, out_dir)  # adapter_config.json + adapter_model.safetensors
+    model.eval()
+    probe = {k: v.to(device) for k, v in collate(train[:4]).items() if k != "labels"}
+    with torch.no_grad():
+        trained = model(**probe).logits.float()
+        moelora.unwrap(model)  # back to the plain base model
+        moelora.load_adapter(model, out_dir)  # raises a clear error if the base model does not match
+        model.eval()  # the layers load_adapter creates start in training mode (dropout on)
+        same = torch.allclose(model(**probe).logits.float(), trained, atol=1e-4)
+    print(f"adapter saved to {out_dir}; reloaded into the base model: {'same' if same else 'DIFFERENT'} logits")
+    return {"losses": losses, "adapter_dir": out_dir, "reload_matches": same}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", dest="model_path",
+                        help="local Hugging Face model folder (default: a tiny random Llama)")
+    parser.add_argument("--task", help="a moelora.data task name, e.g. scienceqa (default: tiny in-memory data)")
+    parser.add_argument("--data-dir", help="folder of the task's files")
+    parser.add_argument("--out-dir", default="runs/examples/plain_pytorch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--router-lr", type=float)
+    parser.add_argument("--preconditioner", choices=["riemannian", "gate_rescaled", "none"], default="riemannian")
+    parser.add_argument("--gate-power", type=float, default=0.5, help="1.0: per-expert baseline, 0.5: the paper")
+    parser.add_argument("--seed", type=int, default=0)
+    main(**vars(parser.parse_args()))
