@@ -81,6 +81,14 @@ def test_wrap_without_match_lists_available_modules():
         moelora.wrap(model, config())
 
 
+def test_new_layers_follow_the_models_mode():
+    model = tiny_llama().eval()
+    moelora.wrap(model, config(dropout=0.1))
+    assert not any(layer.training for _, layer in moelora.moelora_layers(model))
+    model.train()
+    assert all(layer.training for _, layer in moelora.moelora_layers(model))
+
+
 def test_wrap_any_module():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     moelora.wrap(model, config(target_modules=["0", "2"]))

@@ -64,6 +64,16 @@ def test_same_seed_gives_the_same_loss_curve(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    common = ["eval.zero_shot=false", "train.eval_every=0", "train.steps=3", "train.save_every=0"]
+    Trainer(smoke(tmp_path, *common, name="plain"), progress=False).run()
+    Trainer(smoke(tmp_path, *common, "model.gradient_checkpointing=true", name="ckpt"), progress=False).run()
+    plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    assert plain.keys() == ckpt.keys()
+    for step in plain:
+        assert ckpt[step] == pytest.approx(plain[step], rel=1e-5)
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     common = ["eval.zero_shot=false", "adapter.dropout=0.1", "train.eval_every=0", "train.steps=8",
               "train.save_every=4"]

@@ -100,6 +100,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model_and_tokenizer(
         config.model.name, config.model.dtype, config.model.random_config,
         num_labels=runtime.task.num_labels if is_encoder(config.model.name) else None, seed=config.train.seed,
+        trust_remote_code=config.model.trust_remote_code,
     )
     load_adapter(model, folder / "adapter")
     if (folder / "checkpoints").is_dir():
@@ -135,7 +136,8 @@ def cmd_generate(args) -> int:
     if is_encoder(config.model.name):
         raise ValueError("generate needs a causal language model; this run trained an encoder classifier")
     model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype, config.model.random_config,
-                                                seed=config.train.seed)
+                                                seed=config.train.seed,
+                                                trust_remote_code=config.model.trust_remote_code)
     load_adapter(model, folder / "adapter")
     model.eval()
     encoded = tokenizer(args.prompt, return_tensors="pt")

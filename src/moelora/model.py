@@ -99,6 +99,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
             track_router_stats=config.track_router_stats,
             dtype=adapter_dtype,
         )
+        layer.train(base.training)  # follow the replaced module: an eval-mode model stays in eval mode
         _set_submodule(model, name, layer)
     model.moelora_config = config
     setattr(model, _DDP_IGNORE_ATTR, [f"{n}.{b}" for n, _ in moelora_layers(model) for b in _STAT_BUFFERS])

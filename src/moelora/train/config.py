@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"
     random_config: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DataConfig:
     max_train: int | None = None
     max_eval: int | None = None
     max_length: int = 256
-    split_seed: int = 0
+    subset_seed: int = 0
     options: dict = field(default_factory=dict)
 
 

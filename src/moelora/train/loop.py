@@ -175,6 +175,7 @@ class Trainer:
         model, tokenizer = load_model_and_tokenizer(
             cfg.model.name, cfg.model.dtype, cfg.model.random_config,
             num_labels=runtime.task.num_labels if is_encoder(cfg.model.name) else None, seed=tcfg.seed,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         runtime.attach(model, tokenizer)
 
@@ -190,6 +191,9 @@ class Trainer:
 
         wrap(model, MoELoRAConfig(**dataclasses.asdict(cfg.adapter)))
         runtime.after_wrap(model)
+        if cfg.model.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
         if resume_from is not None:

@@ -96,7 +96,8 @@ def byte_level_tokenizer():
 
 
 def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: dict | None = None,
-                             num_labels: int | None = None, seed: int = 0) -> tuple[nn.Module, object]:
+                             num_labels: int | None = None, seed: int = 0,
+                             trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` for ``name`` (see the module docstring); models come back in eval mode."""
     from transformers import (
         AutoModelForCausalLM,
@@ -131,11 +132,24 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
                 f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}) nor a "
                 f"folder with a config.json"
             )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    remote = {"trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **remote)
     if num_labels is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch_dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, dtype=torch_dtype, **remote
+        )
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **remote)
+        except ValueError as err:
+            # Vision-language models (e.g. LLaVA) are not causal-LM classes in transformers 5; their
+            # image-text-to-text class takes text-only batches too.
+            from transformers import AutoModelForImageTextToText
+
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype, **remote)
+            except ValueError:
+                raise err from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.name_or_path = name

@@ -31,7 +31,7 @@ class TaskRuntime:
     def load(cls, config: RunConfig) -> "TaskRuntime":
         data = config.data
         task = load_task(
-            data.task, data_dir=data.path, seed=data.split_seed, max_train=data.max_train,
+            data.task, data_dir=data.path, seed=data.subset_seed, max_train=data.max_train,
             max_eval=data.max_eval, **data.options,
         )
         encoder = is_encoder(config.model.name)
