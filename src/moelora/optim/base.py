@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..layer import MoELoRALinear, layer_of
-from .groups import GROUP_KINDS, SIDE_A, ExpertFactor, expert_factor
+from .groups import GROUP_KINDS, SIDE_A, SIDE_B, ExpertFactor, expert_factor
 from .precondition import GATE_RESCALED, NONE, PRECONDITIONERS, gate_sq_means, precondition
 
 
@@ -83,18 +83,13 @@ class RiemannianOptimizer(Optimizer):
         else:
             # The reference code's order (method.md section 6): update every A first, then precondition
             # each B with the Gram matrix of its already-updated A.
-            sides = []
-            for w in preconditioned:
-                a = [i for i, f in enumerate(w.factors) if f.side == SIDE_A]
-                b = [i for i, f in enumerate(w.factors) if f.side != SIDE_A]
-                sides.append((a, b))
-            split_a = [_select(w, a) for w, (a, _) in zip(preconditioned, sides)]
-            split_b = [_select(w, b) for w, (_, b) in zip(preconditioned, sides)]
-            for w, grads in zip(split_a, self._precondition(split_a, means)):
+            a_side = [_select(w, SIDE_A) for w in preconditioned]
+            b_side = [_select(w, SIDE_B) for w in preconditioned]
+            for w, grads in zip(a_side, self._precondition(a_side, means)):
                 self._update_group(w, [f.param for f in w.factors], grads)
             for w in work:
                 self._update_group(w, w.plain, w.plain_grads)
-            for w, grads in zip(split_b, self._precondition(split_b, means)):
+            for w, grads in zip(b_side, self._precondition(b_side, means)):
                 self._update_group(w, [f.param for f in w.factors], grads)
         for layer in layers:
             layer.reset_gate_stats()
@@ -167,9 +162,11 @@ class RiemannianOptimizer(Optimizer):
             self._update(w.group, params, grads)
 
 
-def _select(w: _GroupWork, indices: list[int]) -> _GroupWork:
+def _select(w: _GroupWork, side: str) -> _GroupWork:
+    """The part of ``w`` that preconditions the factors of one side (``"A"`` or ``"B"``)."""
+    keep = [i for i, f in enumerate(w.factors) if f.side == side]
     return _GroupWork(
-        w.group, factors=[w.factors[i] for i in indices], factor_grads=[w.factor_grads[i] for i in indices], clip=w.clip
+        w.group, factors=[w.factors[i] for i in keep], factor_grads=[w.factor_grads[i] for i in keep], clip=w.clip
     )
 
 

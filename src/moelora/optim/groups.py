@@ -84,7 +84,9 @@ def param_groups(
         - ``"router"``: every layer's router weight; plain update, optional clipping (``"max_grad_norm"``);
         - ``"other"``: every other parameter with ``requires_grad`` (omitted when there is none).
 
-        Frozen parameters are left out; a group with no parameter is omitted.
+        Frozen parameters are left out; a group with no parameter is omitted. As always in
+        ``torch.optim``, a group's own ``lr`` and ``weight_decay`` take precedence over the optimizer's
+        constructor arguments of the same name.
 
     Raises:
         ValueError: ``model`` has no ``MoELoRALinear`` layer, or a learning rate / weight decay / norm is

@@ -61,7 +61,7 @@ def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
     means: dict[int, torch.Tensor] = {}
     empty = []
     for device_layers in by_device.values():
-        # (L, E + 1) rows of [sum g^2 per expert..., token count]; layers may differ in E, so pack flat.
+        # [sum g^2 per expert..., token count] per layer, packed flat (layers may differ in E).
         packed = torch.cat([torch.cat([l.gate_sq_sum, l.gate_token_count.reshape(1)]) for l in device_layers])
         if distributed:
             torch.distributed.all_reduce(packed)
@@ -73,7 +73,7 @@ def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
             means[id(layer)] = stats[:-1] / stats[-1].clamp_min(1.0)
             counts.append(stats[-1])
         empty.append((torch.stack(counts) == 0).sum())
-    num_empty = int(torch.stack(empty).sum()) if empty else 0
+    num_empty = sum(int(e) for e in empty)
     if num_empty:
         warnings.warn(
             f"gate_rescaled: {num_empty} of {len(layers)} MoE-LoRA layers recorded no token since the last "
