@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -174,6 +175,10 @@ def test_save_leaves_no_temporary_files(tmp_path):
     moelora.save_adapter(model, tmp_path)
     moelora.save_adapter(model, tmp_path)  # overwriting is atomic too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tmp_path.iterdir():  # ordinary permissions, not the temporary file's private ones
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(ValueError, match="wrap"):
         moelora.save_adapter(tiny_llama(), tmp_path / "x")
 

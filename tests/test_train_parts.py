@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from moelora.atomic import atomic_dir
 from moelora.train import checkpoint as ckpt
 from moelora.train.batching import StepBatches
 from moelora.train.config import ConfigError, RunConfig, dump_config, load_config
@@ -103,16 +104,16 @@ def test_atomic_checkpoint_folder(tmp_path):
     def fill(folder):
         (folder / "trainer_state.json").write_text("{}")
 
-    ckpt.write_atomic_dir(tmp_path / "step-000002", fill)
+    atomic_dir(tmp_path / "step-000002", fill)
 
     def broken(folder):
         (folder / "trainer_state.json").write_text("{}")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        ckpt.write_atomic_dir(tmp_path / "step-000004", broken)
+        atomic_dir(tmp_path / "step-000004", broken)
     assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]
-    ckpt.write_atomic_dir(tmp_path / "step-000006", fill)
+    atomic_dir(tmp_path / "step-000006", fill)
     ckpt.prune_checkpoints(tmp_path, keep=1)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6]
 

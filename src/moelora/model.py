@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .atomic import atomic_write, write_text_atomic
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, _is_conv1d
 
@@ -171,18 +171,6 @@ def _base_model_identity(model: nn.Module) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` atomically.
 
@@ -203,14 +191,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "base_model": _base_model_identity(model),
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(directory / CONFIG_NAME, write_json)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

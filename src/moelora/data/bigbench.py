@@ -25,14 +25,13 @@ import difflib
 import hashlib
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_bytes_atomic
 from .cache import resolve_cache_dir
 from .errors import DataError, DataFileNotFoundError, MalformedRowError, UnknownTaskError
 from .example import Example, TaskData
@@ -77,18 +76,6 @@ def _task_name(member: str) -> str | None:
     return tail[: -len("/task.json")]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _scan_archive(archive: Path, wanted: str | None) -> tuple[list[str], bytes | None]:
     """Stream the archive once: every JSON task name, and the bytes of ``wanted``'s task file."""
     names, found = [], None
@@ -110,7 +97,7 @@ def list_tasks(cache_dir: str | Path | None = None, *, download: bool = True) ->
     if index.is_file():
         return json.loads(index.read_text())
     names, _ = _scan_archive(archive_path(cache_dir, download=download), None)
-    _write_atomic(index, json.dumps(names).encode())
+    write_bytes_atomic(index, json.dumps(names).encode())
     return names
 
 
@@ -125,7 +112,7 @@ def task_file(task: str, cache_dir: str | Path | None = None, *, download: bool 
     archive = archive_path(cache_dir, download=download)
     logger.info("extracting BIG-bench task %s from %s", task, archive)
     names, data = _scan_archive(archive, task)
-    _write_atomic(root / _INDEX_NAME, json.dumps(names).encode())
+    write_bytes_atomic(root / _INDEX_NAME, json.dumps(names).encode())
     if data is None:
         close = difflib.get_close_matches(task, names, n=5)
         raise UnknownTaskError(
@@ -133,7 +120,7 @@ def task_file(task: str, cache_dir: str | Path | None = None, *, download: bool 
             + (f"; close matches: {', '.join(close)}" if close else "")
             + f" ({len(names)} tasks; list them with moelora.data.bigbench.list_tasks())"
         )
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return path
 
 

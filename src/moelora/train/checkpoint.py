@@ -3,7 +3,8 @@
 A nested structure of dicts (string or int keys), lists, tuples, tensors and JSON scalars — such as an
 optimizer's ``state_dict()`` — is split into ``NAME.json`` (the structure, tensors replaced by
 ``{"__tensor__": key}``) and ``NAME.safetensors`` (the tensors). A checkpoint folder is written under a
-temporary name and renamed into place, so a crash leaves either the whole checkpoint or none.
+temporary name and renamed into place (``moelora.atomic.atomic_dir``), so a crash leaves either the whole
+checkpoint or none.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -74,36 +75,6 @@ def load_state(directory: Path, name: str) -> Any:
     structure = json.loads((directory / f"{name}.json").read_text())
     tensors = load_file(str(directory / f"{name}.safetensors"))
     return _unflatten(structure, tensors)
-
-
-def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Create folder ``target`` by filling a temporary sibling and renaming it (replaces an old one)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        fill(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:

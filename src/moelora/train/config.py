@@ -49,7 +49,7 @@ class DataConfig:
     task: str = "rotten_tomatoes"
     path: str | None = None
     max_train: int | None = None
-    max_eval: int | None = None
+    max_eval: int | None = 1000
     max_length: int = 256
     subset_seed: int = 0
     options: dict = field(default_factory=dict)
@@ -76,7 +76,7 @@ class OptimConfig:
     name: str = "adamw"
     preconditioner: str = "riemannian"
     lr: float = 2e-3
-    router_lr: float | None = None
+    router_lr: float | None = 3e-8
     weight_decay: float = 0.0
     router_max_grad_norm: float | None = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -92,14 +92,14 @@ class OptimConfig:
 class TrainConfig:
     """The loop. ``batch_size`` is the global number of sequences per optimizer step."""
 
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 5
     final_lr_ratio: float = 0.1
     eval_every: int = 0
     eval_examples: int = 200
-    save_every: int = 50
+    save_every: int = 40
     keep_checkpoints: int = 2
     log_every: int = 5
     seed: int = 0
@@ -110,7 +110,7 @@ class EvalConfig:
     """Held-out evaluation: before training (zero-shot) and after."""
 
     method: str = "loglik"
-    batch_size: int = 16
+    batch_size: int = 32
     zero_shot: bool = True
     max_new_tokens: int = 10
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_dir, write_text_atomic
 from ..config import MoELoRAConfig
 from ..diagnostics import router_stats
 from ..model import load_adapter_weights, moelora_layers, save_adapter, wrap
@@ -60,7 +61,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _other_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,7 +105,7 @@ class Trainer:
 
     def _write(self, name: str, text: str) -> None:
         if self.ctx.is_main:
-            ckpt.write_text_atomic(self.run_dir / name, text)
+            write_text_atomic(self.run_dir / name, text)
 
     def _log(self, record: dict) -> None:
         if self.ctx.is_main:
@@ -128,7 +129,7 @@ class Trainer:
             )
 
         folder = self.run_dir / "checkpoints"
-        ckpt.write_atomic_dir(folder / f"step-{step:06d}", fill)
+        atomic_dir(folder / f"step-{step:06d}", fill)
         ckpt.prune_checkpoints(folder, self.config.train.keep_checkpoints)
 
     def _load_checkpoint(self, path: Path, model, optimizer, scheduler) -> None:
@@ -213,7 +214,8 @@ class Trainer:
 
             bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
         train_start = time.perf_counter()
-        tokens_seen, window_tokens, window_start = 0, 0, time.perf_counter()
+        # Logged loss: the token-weighted mean over the steps since the previous log line.
+        window_tokens, window_loss, window_targets, window_start = 0, 0.0, 0, time.perf_counter()
         last_loss = float("nan")
         for step in range(start_step, tcfg.steps):
             micro_batches = [runtime.collate_train(ids) for ids in plan.micro_batches(step, ctx.rank, ctx.world_size)]
@@ -242,21 +244,24 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             last_loss = loss_value
+            window_loss += loss_value * total_targets
+            window_targets += total_targets
             done = step + 1
 
             if done % tcfg.log_every == 0 or done == tcfg.steps:
                 now = time.perf_counter()
                 tokens_per_s = float(ctx.sum(torch.tensor(float(window_tokens)))) / max(now - window_start, 1e-9)
-                tokens_seen += window_tokens
-                window_tokens, window_start = 0, now
                 lr = optimizer.param_groups[0]["lr"]
-                record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s}
+                mean_loss = window_loss / window_targets
+                record = {"step": done, "loss": mean_loss, "last_step_loss": loss_value, "lr": lr,
+                          "tokens_per_s": tokens_per_s}
+                window_tokens, window_loss, window_targets, window_start = 0, 0.0, 0, now
                 entropies = [s["gate_entropy"] for s in router_stats(model).values()]
                 if entropies:
                     record["gate_entropy"] = sum(entropies) / len(entropies)
                 self._log(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
             if bar is not None:
                 bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_text_atomic
+from ..atomic import write_text_atomic
 from .config import RunConfig
 
 
@@ -116,7 +116,7 @@ def plot_run(run_dir: Path, metrics: list[dict], zero_shot: dict | None, final: 
     if router:
         names = list(router)
         loads = [router[n]["expert_load"] for n in names]
-        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.12 * len(names) + 1.5)))
+        fig, ax = plt.subplots(figsize=(7, min(9.0, max(2.5, 0.06 * len(names) + 1.5))))
         image = ax.imshow(loads, aspect="auto", cmap="viridis")
         ax.set(xlabel="expert", ylabel="layer", title="Expert load (share of token assignments, last batch)")
         step = max(1, len(names) // 12)
