@@ -194,7 +194,10 @@ class Trainer:
         runtime.after_wrap(model)
         if cfg.model.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
         if resume_from is not None:
