@@ -18,6 +18,8 @@ from moelora.optim import (
     RiemannianSGD,
     param_groups,
 )
+from moelora.optim import precondition as precondition_module
+from moelora.optim.groups import ExpertFactor
 from moelora.optim.precondition import damped_inverse
 from moelora.optim.reference import ReferenceRiemannianAdamW, ReferenceRiemannianSGD
 
@@ -492,6 +494,20 @@ def test_experts_without_tokens_are_updated_as_torch_optim_would(preconditioner)
 
 
 # --------------------------------------------------------------------------------- failures and statistics
+@pytest.mark.parametrize("rank, rows", [(1, 32), (2, 24), (4, 12), (4, 10), (8, 6), (3, 12)])
+def test_blocked_b_side_products_equal_plain_ones(rank, rows):
+    """The (E, d_out / k, k r) reading of B-side tensors (precondition._BLOCK_WIDTH) changes no number."""
+    g = torch.Generator().manual_seed(rank)
+    b, grad_b = (torch.randn(3, rows, rank, generator=g, dtype=F64) for _ in range(2))
+    a = torch.randn(3, rank, 5, generator=g, dtype=F64)
+    inverse = torch.linalg.inv(b.mT @ b + torch.eye(rank, dtype=F64))
+    factor = ExpertFactor(param=a, layer=None, side="A", partner=b)
+    torch.testing.assert_close(precondition_module._gram(factor, F64), b.mT @ b, rtol=1e-13, atol=1e-13)
+    k = precondition_module._block_factor(rank)
+    kron = precondition_module._kron_eye(inverse, k) if k > 1 else None
+    torch.testing.assert_close(precondition_module._apply_b(grad_b, inverse, kron, k), grad_b @ inverse, rtol=1e-13, atol=1e-13)
+
+
 def test_damped_inverse_flags_failures():
     systems = torch.stack([2 * torch.eye(3), -torch.eye(3), torch.full((3, 3), float("nan"))]).double()
     inverses, not_pd, non_finite = damped_inverse(systems)
