@@ -35,6 +35,7 @@ class GatedExpertMix(torch.autograd.Function):
 
     Shapes: ``h`` (T, E*r) = expert projections ``A_cat drop(x)``; ``gates`` (T, E); ``B_cat`` (d_out, E*r)
     with column block ``i`` equal to ``B_i``; ``G`` is each gate repeated over its expert's ``r`` columns.
+    An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``).
 
     Backward (method.md section 3), with ``d = dL/dout`` (T, d_out):
 
@@ -49,14 +50,17 @@ class GatedExpertMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(h: torch.Tensor, gates: torch.Tensor, b_cat: torch.Tensor, scaling: float, power: float):
+    def forward(h: torch.Tensor, gates: torch.Tensor, b_cat: torch.Tensor, scaling: float, power: float,
+                base: torch.Tensor | None = None):
         tokens, num_experts = gates.shape
-        z = h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)
-        return z.view(tokens, -1) @ b_cat.t()
+        z = (h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)).view(tokens, -1)
+        if base is None:
+            return z @ b_cat.t()
+        return torch.addmm(base, z, b_cat.t())  # base + z B^T in one kernel: saves a pass over (T, d_out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        h, gates, b_cat, scaling, power = inputs
+        h, gates, b_cat, scaling, power = inputs[:5]
         ctx.save_for_backward(h, gates, b_cat)
         ctx.scaling = scaling
         ctx.power = power
@@ -76,7 +80,8 @@ class GatedExpertMix(torch.autograd.Function):
                 grad_gates = (dz * h3).sum(-1) * ctx.scaling
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)
-        return grad_h, grad_gates, grad_b, None, None
+        grad_base = grad_out if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
+        return grad_h, grad_gates, grad_b, None, None, grad_base
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -235,7 +240,12 @@ class MoELoRALinear(nn.Module):
             logits = self.router(tokens)  # the router sees the input without dropout
         gates = self.route(logits)
         b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, experts_rows)
-        delta = GatedExpertMix.apply(h, gates.to(h.dtype), b_cat, self.scaling, self.gate_backward_power)
+        gates = gates.to(h.dtype)
+        if result.dtype == h.dtype:
+            out = GatedExpertMix.apply(h, gates, b_cat, self.scaling, self.gate_backward_power,
+                                       result.reshape(-1, self.out_features))
+            return out.view(*lead_shape, self.out_features)
+        delta = GatedExpertMix.apply(h, gates, b_cat, self.scaling, self.gate_backward_power)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
 
     # ------------------------------------------------------------------------------------ statistics
