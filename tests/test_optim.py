@@ -494,18 +494,23 @@ def test_experts_without_tokens_are_updated_as_torch_optim_would(preconditioner)
 
 
 # --------------------------------------------------------------------------------- failures and statistics
-@pytest.mark.parametrize("rank, rows", [(1, 32), (2, 24), (4, 12), (4, 10), (8, 6), (3, 12)])
-def test_blocked_b_side_products_equal_plain_ones(rank, rows):
-    """The (E, d_out / k, k r) reading of B-side tensors (precondition._BLOCK_WIDTH) changes no number."""
-    g = torch.Generator().manual_seed(rank)
-    b, grad_b = (torch.randn(3, rows, rank, generator=g, dtype=F64) for _ in range(2))
-    a = torch.randn(3, rank, 5, generator=g, dtype=F64)
-    inverse = torch.linalg.inv(b.mT @ b + torch.eye(rank, dtype=F64))
-    factor = ExpertFactor(param=a, layer=None, side="A", partner=b)
-    torch.testing.assert_close(precondition_module._gram(factor, F64), b.mT @ b, rtol=1e-13, atol=1e-13)
-    k = precondition_module._block_factor(rank)
-    kron = precondition_module._kron_eye(inverse, k) if k > 1 else None
-    torch.testing.assert_close(precondition_module._apply_b(grad_b, inverse, kron, k), grad_b @ inverse, rtol=1e-13, atol=1e-13)
+def test_precondition_batches_mixed_shapes_and_ranks():
+    """Plain and 16-wide readings of B (precondition._BLOCK_WIDTH), several ranks, one call: the formula."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 32), (2, 24), (4, 12), (4, 10), (8, 6), (3, 12), (4, 12)]  # (rank, d_out); d_in = 5
+    factors, grads, expected = [], [], []
+    reg = 1e-3
+    for rank, rows in shapes:
+        a = torch.randn(3, rank, 5, generator=g, dtype=F64)
+        b = torch.randn(3, rows, rank, generator=g, dtype=F64)
+        grad_a, grad_b = torch.randn_like(a), torch.randn_like(b)
+        eye = torch.eye(rank, dtype=F64)
+        factors += [ExpertFactor(a, None, "A", b), ExpertFactor(b, None, "B", a)]
+        grads += [grad_a, grad_b]
+        expected += [torch.linalg.inv(b.mT @ b + reg * eye) @ grad_a, grad_b @ torch.linalg.inv(a @ a.mT + reg * eye)]
+    out = precondition_module.precondition(factors, grads, [reg] * len(factors), [None] * len(factors))
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_damped_inverse_flags_failures():

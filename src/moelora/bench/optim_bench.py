@@ -143,7 +143,7 @@ def _peft(blocks: int, rank: int, rounds: int) -> Callable[[], None] | None:
 def run(quick: bool = False) -> dict:
     """Median seconds per optimizer step of every candidate and the ratios that the targets are about."""
     torch.manual_seed(0)
-    repeats, warmup = (5, 1) if quick else (15, 2)
+    repeats, warmup = (5, 1) if quick else (11, 1)
     model, experts = moelora_adapters(NUM_EXPERTS, RANK)
     wide_model, wide = moelora_adapters(1, NUM_EXPERTS * RANK)
     plain = [p.detach().clone().requires_grad_(True) for p in experts]

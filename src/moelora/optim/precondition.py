@@ -85,6 +85,7 @@ def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
     return means
 
 
+@torch.no_grad()
 def precondition(
     factors: Sequence[ExpertFactor],
     grads: Sequence[torch.Tensor],
@@ -120,22 +121,28 @@ def precondition(
     failures = []  # per batch: [not positive definite, non-finite, failed on the A side] as 0-d tensors
     total = 0
     for (_, dtype, rank, reg, floor), indices in batches.items():
-        indices.sort(key=lambda i: factors[i].side != SIDE_A)  # A-factors first, to count failures per side
-        grams = [_gram(factors[i], dtype) for i in indices]
-        sizes = [g.shape[0] for g in grams]
-        systems = torch.cat(grams)  # (N, r, r), N = sum of the layers' E
+        k = _block_factor(rank)
+        # A-factors first (failures are counted per side), those whose B reads as 16-wide rows leading.
+        indices.sort(key=lambda i: (factors[i].side != SIDE_A, not _blocked(factors[i].partner, k)))
+        count_a = sum(1 for i in indices if factors[i].side == SIDE_A)
+        count_blocked = sum(1 for i in indices[:count_a] if _blocked(factors[i].partner, k))
+        sizes = [factors[i].param.shape[0] for i in indices]
+        parts = [_gram(factors[i], dtype, k) for i in indices]
+        if count_blocked:
+            # B^T B = the sum of the k diagonal (r, r) blocks of W^T W, for all such layers in one go.
+            wide = torch.cat(parts[:count_blocked]).view(-1, k, rank, k, rank)
+            parts[:count_blocked] = [wide.diagonal(dim1=1, dim2=3).sum(-1)]
+        systems = torch.cat(parts)  # (N, r, r), N = sum of the layers' E
         if floor is not None:
             c2 = torch.cat([gate_scales[i][0] for i in indices]).to(dtype).clamp_min_(floor)
             systems.mul_(c2[:, None, None])
         systems.diagonal(dim1=-2, dim2=-1).add_(reg)
         inverses, not_pd, non_finite = damped_inverse(systems)
-        count_a = sum(1 for i in indices if factors[i].side == SIDE_A)
         rows_a = sum(sizes[:count_a])
         failed = not_pd | non_finite
         failures.append(torch.stack([not_pd.sum(), non_finite.sum(), failed[:rows_a].sum()]))
         total += systems.shape[0]
-        k = _block_factor(rank)
-        # kron(I_k, P) of every B-side system, built in one go (see _BLOCK_WIDTH).
+        # kron(I_k, P) of every B-side system, built in one go.
         krons = _kron_eye(inverses[rows_a:], k).split(sizes[count_a:]) if k > 1 else [None] * (len(indices) - count_a)
         per_factor = inverses.split(sizes)
         for position, index in enumerate(indices):
@@ -187,20 +194,21 @@ def _kron_eye(inverses: torch.Tensor, k: int) -> torch.Tensor:
     return kron.view(n, k * rank, k * rank)
 
 
-def _gram(factor: ExpertFactor, dtype: torch.dtype) -> torch.Tensor:
-    """``(E, r, r)`` Gram matrix of the partner factor: ``B^T B`` for an A-factor, ``A A^T`` for a B-factor."""
-    other = factor.partner.detach()
-    if other.dtype != dtype:
-        other = other.to(dtype)
+def _blocked(tensor: torch.Tensor, k: int) -> bool:
+    """Whether a B-shaped ``(E, d_out, r)`` tensor takes the 16-wide reading (``d_out`` a multiple of ``k``)."""
+    return k > 1 and tensor.shape[-1] * k == _BLOCK_WIDTH and tensor.shape[1] % k == 0
+
+
+def _gram(factor: ExpertFactor, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """Gram matrix of the partner factor: ``(E, r, r)`` ``A A^T`` for a B-factor; for an A-factor
+    ``B^T B``, or ``(E, k r, k r)`` ``W^T W`` when ``B`` reads as ``W`` (see ``_BLOCK_WIDTH``)."""
+    other = factor.partner if factor.partner.dtype == dtype else factor.partner.to(dtype)
     if factor.side != SIDE_A:
         return torch.bmm(other, other.mT)  # (E, r, d_in) -> (E, r, r)
-    experts, rows, rank = other.shape  # B: (E, d_out, r)
-    k = _block_factor(rank)
-    if k == 1 or rows % k:
-        return torch.bmm(other.mT, other)
-    wide = other.reshape(experts, rows // k, k * rank)
-    blocks = torch.bmm(wide.mT, wide).view(experts, k, rank, k, rank)
-    return blocks.diagonal(dim1=1, dim2=3).sum(-1)
+    if _blocked(other, k):
+        experts, rows, rank = other.shape
+        other = other.view(experts, rows // k, k * rank)
+    return torch.bmm(other.mT, other)
 
 
 def _apply_a(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -212,10 +220,10 @@ def _apply_a(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 def _apply_b(grad: torch.Tensor, inverse: torch.Tensor, kron: torch.Tensor | None, k: int) -> torch.Tensor:
     """``grad @ P`` for an ``(E, d_out, r)`` B-gradient, through ``kron = kron(I_k, P)`` when it fits."""
     g = grad if grad.dtype == inverse.dtype else grad.to(inverse.dtype)
-    experts, rows, rank = g.shape
-    if kron is None or rows % k:
+    if kron is None or not _blocked(g, k):
         out = torch.bmm(g, inverse)
     else:
+        experts, rows, rank = g.shape
         out = torch.bmm(g.reshape(experts, rows // k, k * rank), kron).view(experts, rows, rank)
     return out if out.dtype == grad.dtype else out.to(grad.dtype)
 
