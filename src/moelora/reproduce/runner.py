@@ -1,0 +1,384 @@
+"""Run the grid with a per-run cache: a finished run is never run again, so the grid can be stopped and
+continued (``--cache``, default ``runs/reproduce/``).
+
+Layout of the cache::
+
+    <cache>/<task>/<stage>/<optimizer>-<method>/lr<lr>-seed<seed>-<hash>/
+        cell.json          the cell and its full settings
+        metrics.jsonl      training events (step, loss) and validation events (split, value)
+        summary.json       written last: the run is finished when it exists
+        test_result.json   real tasks: the held-out evaluation with per-example correctness
+    <cache>/<task>/zero-shot-<hash>/summary.json      the base model on the held-out split
+    <cache>/<task>/gate-weights-<hash>/summary.json   synthetic: the section 5 weight check
+
+``<hash>`` covers every setting of the run, so a changed budget or learning rate gets a new folder. A run
+that diverges (non-finite loss, failed factorisation) is finished too: its summary says so and it counts
+as the worst value in the sweep. A folder without ``summary.json`` is a run that was interrupted: it is
+cleared and run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .grid import MAIN, METHODS, SWEEP, SWEEP_SEED, Cell, Grid, TaskSpec, cell_overrides, config_hash
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path("runs") / "reproduce"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def cell_settings(spec: TaskSpec, cell: Cell) -> dict[str, Any]:
+    """Everything that determines a run's result."""
+    if spec.kind == "synthetic":
+        method = METHODS[cell.method]
+        return {"kind": "synthetic", "optimizer": cell.optimizer, "preconditioner": method.preconditioner,
+                "gate_power": method.gate_power, "single_lora": method.single_lora, "lr": cell.lr,
+                "seed": cell.seed, "steps": spec.steps, "batch_size": spec.batch_size,
+                "eval_every": spec.eval_every, "stage": cell.stage}
+    return {"kind": "train", "stage": cell.stage, **cell_overrides(spec, cell)}
+
+
+def cell_dir(cache: Path, spec: TaskSpec, cell: Cell) -> Path:
+    lr = f"lr{cell.lr:g}"
+    return (cache / cell.task / cell.stage / f"{cell.optimizer}-{cell.method}"
+            / f"{lr}-seed{cell.seed}-{config_hash(cell_settings(spec, cell))}")
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ one cell
+def run_cell(spec: TaskSpec, cell: Cell, folder: Path, keep_weights: bool = False) -> dict[str, Any]:
+    """Run one cell into ``folder`` (cleared first) and return its summary; never raises on divergence."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    settings = cell_settings(spec, cell)
+    _write_json(folder / "cell.json", {"cell": cell.__dict__, "name": cell.name, "settings": settings})
+    start = time.perf_counter()
+    try:
+        if spec.kind == "synthetic":
+            summary = _run_synthetic(spec, cell, folder)
+        else:
+            summary = _run_trainer(spec, cell, folder, settings)
+        summary["diverged"] = False
+    except _divergence_errors() as err:  # recorded as a finished (diverged) run; the grid goes on
+        logger.warning("%s diverged: %s", cell.name, err)
+        summary = {"diverged": True, "error": str(err).splitlines()[0][:300]}
+    summary.update({"cell": cell.__dict__, "wall_time_s": time.perf_counter() - start})
+    if not keep_weights:
+        for sub in ("checkpoints", "adapter"):
+            if (folder / sub).is_dir():
+                shutil.rmtree(folder / sub)
+    _write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _divergence_errors() -> tuple[type, ...]:
+    """Non-finite losses (the loop's ``TrainingError``, the synthetic ``Diverged``) and failed solves."""
+    import torch
+
+    from ..train.loop import TrainingError
+    from .synthetic import Diverged
+
+    return TrainingError, Diverged, torch.linalg.LinAlgError
+
+
+def _run_synthetic(spec: TaskSpec, cell: Cell, folder: Path) -> dict[str, Any]:
+    from .synthetic import train_synthetic, write_jsonl
+
+    method = METHODS[cell.method]
+    result = train_synthetic(
+        optimizer=cell.optimizer, preconditioner=method.preconditioner, gate_power=method.gate_power,
+        single_lora=method.single_lora, lr=cell.lr, seed=cell.seed, steps=spec.steps,
+        batch_size=spec.batch_size, eval_every=spec.eval_every, evaluate_test=cell.stage == MAIN,
+    )
+    events = result.pop("events")
+    write_jsonl(folder / "metrics.jsonl", events)
+    losses = [e["loss"] for e in events if "loss" in e]
+    summary = {"validation": result["validation"], "train_time_s": result["train_time_s"],
+               "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+               "gate_moments": result["gate_moments"]}
+    if "test" in result:
+        summary["test"] = result["test"]
+    return summary
+
+
+@contextlib.contextmanager
+def _capture_evaluations(folder: Path, sweep: bool):
+    """During one ``Trainer`` run: keep the held-out result with its per-example correctness
+    (``test_result.json``); in a sweep, skip the test split and report the final validation result."""
+    from ..train.tasks import TaskRuntime
+
+    original_test, original_validation = TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation
+    last: dict[str, Any] = {}
+
+    def validation(self, progress: bool = False):
+        last["result"] = original_validation(self, progress)
+        return last["result"]
+
+    def test(self, progress: bool = True, label: str = "test"):
+        if sweep and "result" in last:
+            return last["result"]
+        result = original_test(self, False, label)
+        _write_json(folder / "test_result.json", result)
+        return result
+
+    TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation = test, validation
+    try:
+        yield
+    finally:
+        TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation = original_test, original_validation
+
+
+def _as_override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _run_trainer(spec: TaskSpec, cell: Cell, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    from ..train.config import load_config
+    from ..train.loop import Trainer
+
+    values = {k: v for k, v in settings.items() if k not in ("kind", "stage")}
+    overrides = [_as_override(k, v) for k, v in values.items()] + [_as_override("output_dir", str(folder))]
+    config = load_config(None, overrides)
+    with _capture_evaluations(folder, sweep=cell.stage == SWEEP):
+        summary = Trainer(config, progress=False).run(resume=False)
+    out = {"validation": _last_validation(folder), "train_time_s": summary.get("train_time_s"),
+           "final_train_loss": summary.get("final_train_loss")}
+    if cell.stage == MAIN:
+        out["test"] = summary["fine_tuned"]["value"]
+        out["test_interval"] = summary["fine_tuned"].get("interval")
+        out["test_n"] = summary["fine_tuned"].get("n")
+    return out
+
+
+def _last_validation(folder: Path) -> float | None:
+    path = folder / "metrics.jsonl"
+    values = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    values = [v["value"] for v in values if v.get("split") == "validation"]
+    return values[-1] if values else None
+
+
+def zero_shot_dir(cache: Path, spec: TaskSpec) -> Path:
+    settings = {"zero_shot": True, **spec.overrides, "test_examples": spec.test_examples,
+                "curve_examples": spec.curve_examples}
+    return cache / spec.key / f"zero-shot-{config_hash(settings)}"
+
+
+def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
+    """The base model (no adapter) on the held-out test split and on the validation curve's examples."""
+    from ..train.config import load_config
+    from ..train.models import load_model_and_tokenizer
+    from ..train.tasks import TaskRuntime
+
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = [_as_override(k, v) for k, v in spec.overrides.items()]
+    overrides += [_as_override("data.max_eval", max(spec.test_examples, spec.curve_examples)),
+                  _as_override("train.eval_examples", spec.curve_examples)]
+    config = load_config(None, overrides)
+    runtime = TaskRuntime.load(config)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
+    runtime.attach(model, tokenizer)
+    test = runtime.evaluate_test(progress=False, label="zero-shot")
+    validation = runtime.evaluate_validation(progress=False)
+    _write_json(folder / "test_result.json", test)
+    summary = {"test": test["value"], "test_interval": test["interval"], "test_n": test["n"],
+               "validation": validation["value"], "validation_n": validation["n"]}
+    _write_json(folder / "summary.json", summary)
+    return summary
+
+
+GATE_CHECK = {"lr": 0.3, "steps": 40, "at_step": 20, "min_seeds": 5}
+
+
+def gate_weights_dir(cache: Path, seeds: tuple[int, ...]) -> Path:
+    return cache / "synthetic" / f"gate-weights-{config_hash({**GATE_CHECK, 'seeds': list(seeds)})}"
+
+
+def gate_check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(range(max(GATE_CHECK["min_seeds"], len(seeds))))
+
+
+def run_gate_weights(folder: Path, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """The section 5 check of ``gate_weights.py``, cached in ``folder``."""
+    from .gate_weights import run_gate_weight_check
+
+    folder.mkdir(parents=True, exist_ok=True)
+    check = run_gate_weight_check(seeds, lr=GATE_CHECK["lr"], steps=GATE_CHECK["steps"],
+                                  at_step=GATE_CHECK["at_step"])
+    _write_json(folder / "summary.json", check)
+    return check
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _worker(spec: TaskSpec, cell: Cell, folder: str) -> tuple[str, dict[str, Any]]:
+    return folder, run_cell(spec, cell, Path(folder))
+
+
+# ------------------------------------------------------------------------------------------ the grid
+def choose_lr(spec: TaskSpec, results: dict[float, dict[str, Any] | None]) -> tuple[float | None, dict[str, Any]]:
+    """The sweep's pick: best final validation value (ties: the smaller learning rate); diverged runs
+    rank last. Returns ``(lr, {"values": {lr: value or None}, "edge": bool})``; ``lr`` is None until every
+    candidate has finished."""
+    values: dict[float, float | None] = {}
+    for lr, summary in results.items():
+        if summary is None:
+            return None, {}
+        values[lr] = None if summary.get("diverged") or summary.get("validation") is None else summary["validation"]
+    finite = {lr: v for lr, v in values.items() if v is not None}
+    if not finite:
+        best = min(values)
+    else:
+        sign = -1.0 if spec.higher_is_better else 1.0
+        best = min(sorted(finite), key=lambda lr: sign * finite[lr])
+    ordered = sorted(values)
+    return best, {"values": values, "edge": len(ordered) > 1 and best in (ordered[0], ordered[-1])}
+
+
+class GridRunner:
+    """Runs ``grid`` into ``cache``: per task, the sweep, then the main runs at the chosen rates.
+
+    ``jobs`` worker processes with ``threads`` threads each; no new run starts after ``deadline``
+    (a ``time.time()`` value), so a sitting can end cleanly.
+    """
+
+    def __init__(self, grid: Grid, cache: Path = DEFAULT_CACHE, jobs: int = 1, threads: int = 1,
+                 deadline: float | None = None) -> None:
+        self.grid, self.cache, self.jobs, self.threads, self.deadline = grid, Path(cache), jobs, threads, deadline
+        self.ran = 0
+        self.skipped = 0
+
+    def _time_left(self) -> bool:
+        return self.deadline is None or time.time() < self.deadline
+
+    def chosen_lrs(self, task: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], dict]]:
+        """From the cache: the chosen rate and the sweep values of every finished (optimizer, method)."""
+        spec = self.grid.tasks[task]
+        chosen, details = {}, {}
+        for opt, method in self.grid.pairs(task):
+            results = {}
+            for lr in spec.lrs[opt]:
+                folder = cell_dir(self.cache, spec, Cell(task, opt, method, SWEEP_SEED, SWEEP, lr))
+                results[lr] = read_json(folder / "summary.json") if is_done(folder) else None
+            lr, detail = choose_lr(spec, results)
+            if lr is not None:
+                chosen[(opt, method)] = lr
+                details[(opt, method)] = detail
+        return chosen, details
+
+    def _run_many(self, spec: TaskSpec, cells: list[Cell]) -> None:
+        todo = []
+        for cell in cells:
+            folder = cell_dir(self.cache, spec, cell)
+            if is_done(folder):
+                self.skipped += 1
+            else:
+                todo.append((cell, folder))
+        if not todo:
+            return
+        if self.jobs <= 1:
+            _init_worker(self.threads)
+            for cell, folder in todo:
+                if not self._time_left():
+                    logger.warning("time limit reached: %s not started", cell.name)
+                    return
+                logger.info("run %s", cell.name)
+                summary = run_cell(spec, cell, folder)
+                self.ran += 1
+                logger.info("done %s: %s", cell.name, _short(summary))
+            return
+        with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(self.threads,)) as pool:
+            pending = list(todo)
+            running = set()
+            while pending or running:
+                while pending and len(running) < self.jobs and self._time_left():
+                    cell, folder = pending.pop(0)
+                    logger.info("run %s", cell.name)
+                    running.add(pool.submit(_worker, spec, cell, str(folder)))
+                if not running:
+                    if pending:
+                        logger.warning("time limit reached: %d runs not started", len(pending))
+                    return
+                done = next(iter(_wait_first(running)))
+                running.discard(done)
+                folder, summary = done.result()
+                self.ran += 1
+                logger.info("done %s: %s", folder, _short(summary))
+
+    def run(self) -> None:
+        for key, spec in self.grid.tasks.items():
+            if not self._time_left():
+                break
+            if spec.kind == "synthetic":
+                seeds = gate_check_seeds(self.grid.seeds)
+                folder = gate_weights_dir(self.cache, seeds)
+                if not is_done(folder):
+                    logger.info("section 5 gate-weight check")
+                    _init_worker(self.threads)
+                    run_gate_weights(folder, seeds)
+            if spec.zero_shot:
+                folder = zero_shot_dir(self.cache, spec)
+                if not is_done(folder):
+                    logger.info("zero-shot %s", key)
+                    _init_worker(self.threads)
+                    run_zero_shot(spec, folder)
+            for pair in self.grid.pairs(key):
+                if not self._time_left():
+                    break
+                self._run_many(spec, self.grid.sweep_cells(key, pair))
+                chosen, _ = self.chosen_lrs(key)
+                main = [c for c in self.grid.main_cells(key, chosen, pair) if c.lr is not None]
+                self._run_many(spec, main)
+
+
+def _wait_first(futures):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+    return done
+
+
+def _short(summary: dict[str, Any]) -> str:
+    if summary.get("diverged"):
+        return "diverged"
+    parts = [f"{k}={summary[k]:.4g}" for k in ("validation", "test") if isinstance(summary.get(k), float)]
+    parts.append(f"{summary.get('wall_time_s', 0):.0f}s")
+    return " ".join(parts)
