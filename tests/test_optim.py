@@ -423,6 +423,19 @@ def test_state_dict_resume_continues_exactly(make_opt):
         assert torch.equal(p, q)
 
 
+def test_deep_copy_of_model_and_optimizer_trains_alike():
+    """torch copies and pickles an optimizer's defaults, state and param_groups only: every option is there."""
+    net = make_net()
+    opt = RiemannianAdamW(param_groups(net, lr=0.01), preconditioner="gate_rescaled", b_from_updated_a=True, fused=False)
+    train(net, opt, steps=1)
+    net_copy, opt_copy = copy.deepcopy((net, opt))
+    assert opt_copy.defaults["b_from_updated_a"] and opt_copy.param_groups[0]["fused"] is False
+    train(net, opt, steps=2, first_seed=1)
+    train(net_copy, opt_copy, steps=2, first_seed=1)
+    for p, q in zip(net.parameters(), net_copy.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)], ids=["float32", "bfloat16"])
 def test_low_precision_parameters(dtype, rel):
     lr, reg = 0.05, 1e-4

@@ -81,9 +81,10 @@ class RiemannianAdamW(RiemannianOptimizer):
             gate_floor=gate_floor,
             max_grad_norm=max_grad_norm,
             bias_correction=bias_correction,
+            b_from_updated_a=bool(b_from_updated_a),
+            fused=fused,
         )
-        self._fused = fused
-        super().__init__(params, defaults, b_from_updated_a=b_from_updated_a)
+        super().__init__(params, defaults)
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -106,19 +107,20 @@ class RiemannianAdamW(RiemannianOptimizer):
         for (device, dtype, grad_dtype), index in buckets.items():
             pick = lambda xs: [xs[i] for i in index]  # noqa: E731
             args = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), group)
-            if self._use_fused(device, dtype, grad_dtype):
+            if _use_fused(group["fused"], device, dtype, grad_dtype):
                 _fused_adamw(*args)
             else:
                 _foreach_adamw(*args)
 
-    def _use_fused(self, device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
-        supported = device.type in ("cpu", "cuda") and dtype == grad_dtype and dtype.is_floating_point
-        if self._fused and not supported:
-            raise RuntimeError(
-                f"fused=True needs float parameters on CPU or CUDA with gradients of the same dtype, got "
-                f"{dtype} parameters on {device.type} with {grad_dtype} gradients; use fused=None or False"
-            )
-        return supported if self._fused is None else bool(self._fused)
+
+def _use_fused(fused: bool | None, device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+    supported = device.type in ("cpu", "cuda") and dtype == grad_dtype and dtype.is_floating_point
+    if fused and not supported:
+        raise RuntimeError(
+            f"fused=True needs float parameters on CPU or CUDA with gradients of the same dtype, got "
+            f"{dtype} parameters on {device.type} with {grad_dtype} gradients; use fused=None or False"
+        )
+    return supported if fused is None else bool(fused)
 
 
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

@@ -53,11 +53,22 @@ class RiemannianOptimizer(Optimizer):
     - ``max_grad_norm``: clip the group's gradients by their joint 2-norm first (``None``: no clipping);
     - ``kind``: ``"experts"``, ``"router"`` or ``"other"`` (as ``param_groups`` sets it); informational,
       since only expert factors are ever preconditioned.
+
+    ``b_from_updated_a`` (the update order of method.md section 6) is a whole-step option, read from the
+    constructor's defaults.
     """
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], b_from_updated_a: bool = False) -> None:
-        defaults = {"preconditioner": "riemannian", "reg": 1e-6, "gate_floor": 1e-4, "max_grad_norm": None, **defaults}
-        self._b_from_updated_a = bool(b_from_updated_a)
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        # Every option lives in ``defaults`` (and so in each group), none in instance attributes: torch's
+        # Optimizer pickles and deep-copies only defaults, state and param_groups.
+        defaults = {
+            "preconditioner": "riemannian",
+            "reg": 1e-6,
+            "gate_floor": 1e-4,
+            "max_grad_norm": None,
+            "b_from_updated_a": False,
+            **defaults,
+        }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -75,7 +86,7 @@ class RiemannianOptimizer(Optimizer):
         work, layers = self._plan()
         means = self._gate_means(work)
         preconditioned = [w for w in work if w.factors]
-        if not self._b_from_updated_a:
+        if not self.defaults["b_from_updated_a"]:
             for w, grads in zip(preconditioned, self._precondition(preconditioned, means)):
                 w.plain, w.plain_grads = w.plain + [f.param for f in w.factors], w.plain_grads + grads
             for w in work:
