@@ -224,3 +224,42 @@ def test_cli_parser_and_report_only(tmp_path, capsys):
     assert run_from_args(args) == 0
     text = (tmp_path / "r.md").read_text()
     assert "moelora reproduce --quick --tasks synthetic --seeds 2" in text and "0 of" in text
+
+
+def test_real_model_path_on_a_tiny_random_llama(tmp_path, monkeypatch):
+    """Sweep, main runs, zero-shot and the paired comparisons through ``moelora.train.Trainer``."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "configs" / "data" / "smoke_sentiment.jsonl"
+    overrides = {
+        "model.name": "random-llama", "model.random_config": {"hidden_size": 32, "intermediate_size": 64,
+                                                              "num_hidden_layers": 1},
+        "data.task": "classification_file",
+        "data.options": {"train_file": str(data), "answer_format": "text",
+                         "question": "Is this review positive or negative?"},
+        "data.max_length": 96, "adapter.num_experts": 4, "adapter.top_k": 2, "adapter.rank": 2,
+        "adapter.alpha": 4.0, "adapter.dropout": 0.0,
+        "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+    spec = TaskSpec(key="tiny", title="tiny real-model task", kind="train", rows={"adamw": ("riem", "riem_p05")},
+                    lrs={"adamw": (1e-3, 1e-2)}, steps=4, batch_size=4, eval_every=2, curve_examples=8,
+                    test_examples=20, sweep_examples=8, overrides=overrides, zero_shot=True)
+    grid = Grid(tasks={"tiny": spec}, seeds=(0, 1))
+    runner = GridRunner(grid, tmp_path)
+    runner.run()
+    assert runner.ran == 4 + 4
+    results = collect(grid, tmp_path)["tiny"]
+    assert results.finished_runs == 4 and results.zero_shot["test_n"] == 20
+    run = results.cells[("adamw", "riem_p05")].runs[0]
+    assert not (run.folder / "checkpoints").exists()  # weights are not kept in the cache
+    assert len(json.loads((run.folder / "test_result.json").read_text())["correct"]) == 20
+    events = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("split") == "validation"] == [2, 4]
+    c = compare(results, "adamw", "riem_p05", "riem")
+    assert c.n == 2 and c.bootstrap is not None
+    # The sweep never evaluated the test split.
+    sweep_folder = cell_dir(tmp_path, spec, Cell("tiny", "adamw", "riem", SWEEP_SEED, SWEEP, 1e-3))
+    assert not (sweep_folder / "test_result.json").exists()
+    page = tmp_path / "results.md"
+    write_results(grid, {"tiny": results}, page, "moelora reproduce", tmp_path, None, {})
+    assert "Zero-shot (base model, no adapter)" in page.read_text()

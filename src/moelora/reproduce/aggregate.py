@@ -74,6 +74,7 @@ class TaskResults:
     finished_runs: int
     sweep_expected: int
     sweep_finished: int
+    sweep_times: list[float] = field(default_factory=list)  # wall time of each finished sweep run (s)
 
 
 def collect(grid: Grid, cache: Path) -> dict[str, TaskResults]:
@@ -96,11 +97,13 @@ def collect(grid: Grid, cache: Path) -> dict[str, TaskResults]:
                         finished += 1
             cells[(opt, method)] = stats
         sweep_cells = grid.sweep_cells(key)
-        sweep_finished = sum(is_done(cell_dir(cache, spec, c)) for c in sweep_cells)
+        sweep_done = [cell_dir(cache, spec, c) for c in sweep_cells if is_done(cell_dir(cache, spec, c))]
+        sweep_finished = len(sweep_done)
+        sweep_times = [read_json(f / "summary.json").get("wall_time_s") or 0.0 for f in sweep_done]
         zs_folder = zero_shot_dir(cache, spec)
         zero_shot = read_json(zs_folder / "summary.json") if spec.zero_shot and is_done(zs_folder) else None
         out[key] = TaskResults(spec, cells, zero_shot, len(grid.main_cells(key)), finished,
-                               len(sweep_cells), sweep_finished)
+                               len(sweep_cells), sweep_finished, sweep_times)
     return out
 
 

@@ -107,6 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     if not args.verbose:
-        for name in ("transformers", "moelora.train", "moelora.data", "moelora.eval"):
+        for name in ("transformers", "moelora.train", "moelora.data", "moelora.eval", "moelora.model"):
             logging.getLogger(name).setLevel(logging.WARNING)
     return run_from_args(args)

@@ -56,14 +56,15 @@ def run_gate_weight_check(seeds: tuple[int, ...], lr: float = 0.1, steps: int = 
     out: dict[str, Any] = {"lr": lr, "steps": steps, "at_step": at_step, "seeds": list(seeds), "variants": {}}
     moments = None
     for key, label, preconditioner, power, moment in VARIANTS:
-        runs = []
+        runs, finals = [], []
         for seed in seeds:
             result = train_synthetic(optimizer="sgd", preconditioner=preconditioner, gate_power=power,
                                      single_lora=False, lr=lr, seed=seed, steps=steps, batch_size=batch_size,
                                      eval_every=5, evaluate_test=False)
             moments = result["gate_moments"]
             runs.append(expert_speeds(result["events"], at_step))
-        out["variants"][key] = {"label": label, "moment": moment, "speeds": runs}
+            finals.append(result["validation"])
+        out["variants"][key] = {"label": label, "moment": moment, "speeds": runs, "final_validation": finals}
     assert moments is not None
     keep = [i for i, s in enumerate(moments["selected"]) if s >= MIN_SELECTED]
     g2 = [moments["g^2"][i] for i in keep]
@@ -78,4 +79,13 @@ def run_gate_weight_check(seeds: tuple[int, ...], lr: float = 0.1, steps: int = 
         entry["predicted_slope"] = predicted[entry["moment"]]
         mean_speed = np.mean(np.array(entry["speeds"])[:, keep], axis=0)
         entry["mean_speed"] = [float(v) for v in mean_speed]
+    # Same constants for every variant (only the gate factor differs), so the speed ratio to per-expert
+    # Riemannian is predicted in absolute terms: E[g^1.5] / E[g^2], and 1 / E[g^2] for gate-rescaled.
+    top = keep[0]
+    base = out["variants"]["riem"]["mean_speed"][0]
+    for key, entry in out["variants"].items():
+        moment = entry["moment"]
+        predicted_ratio = (moments[moment][top] if moment else 1.0) / moments["g^2"][top]
+        entry["top_expert_ratio"] = {"expert": top, "predicted": predicted_ratio,
+                                     "measured": entry["mean_speed"][0] / base if base > 0 else float("nan")}
     return out

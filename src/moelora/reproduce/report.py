@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .aggregate import Comparison, TaskResults, compare, versus_zero_shot
+from .aggregate import Comparison, TaskResults, compare, t_quantile, versus_zero_shot
 from .grid import METHODS, Grid
 
 # (a, b, what the paper or the method note claims, expected sign of a - b in "better" terms)
@@ -181,13 +181,85 @@ def _gate_weight_lines(check: dict[str, Any] | None) -> list[str]:
         f"map s·B_i·A_i). Experts routed for at least 10 % of the inputs: {check['experts']}; their E[g²]: "
         + ", ".join(f"{m['g^2'][i]:.3f}" for i in check["experts"]) + ".",
         "",
-        "| variant | predicted slope of ln speed vs ln E[g²] | measured slope (mean ± std over seeds) | mean speed per expert |",
-        "|---|---|---|---|",
+        f"| variant | predicted slope of ln speed vs ln E[g²] | measured slope (mean ± std over seeds) | mean speed "
+        f"per expert | speed of the most-routed expert relative to per-expert Riemannian: predicted / measured | "
+        f"held-out relative MSE after {check['steps']} steps (mean over seeds) |",
+        "|---|---|---|---|---|---|",
     ]
     for key, e in check["variants"].items():
+        finals = e.get("final_validation") or []
+        final = f"{sum(finals) / len(finals):.2e}" if finals else "–"
         lines.append(f"| {e['label']} | {e['predicted_slope']:.2f} | {e['slope_mean']:.2f} ± {e['slope_std']:.2f} | "
-                     + ", ".join(f"{v:.3f}" for v in e["mean_speed"]) + " |")
-    lines.append("")
+                     + ", ".join(f"{v:.3f}" for v in e["mean_speed"]) + f" | {_ratio(e)} | {final} |")
+    lines += ["", gate_weight_verdict(check), ""]
+    return lines
+
+
+def _ratio(entry: dict[str, Any]) -> str:
+    r = entry.get("top_expert_ratio")
+    return "–" if not r else f"{r['predicted']:.2f} / {r['measured']:.2f}"
+
+
+def gate_weight_verdict(check: dict[str, Any]) -> str:
+    """A plain sentence: does the measured ordering (and size) of the slopes follow the prediction?"""
+    v = check["variants"]
+    order = sorted(v, key=lambda k: -v[k]["slope_mean"])
+    predicted = sorted(v, key=lambda k: -v[k]["predicted_slope"])
+    n = len(check["seeds"])
+    within = []
+    for key, e in v.items():
+        half = t_quantile(n - 1) * e["slope_std"] / math.sqrt(n) if n > 1 else float("nan")
+        if abs(e["slope_mean"] - e["predicted_slope"]) <= half:
+            within.append(key)
+    text = ("The measured slopes are ordered as predicted (" if order == predicted else
+            "The measured slopes are NOT ordered as predicted (") + " > ".join(order) + ")"
+    text += ("; the predicted slope lies inside the 95 % t-interval for: " + (", ".join(within) or "none")
+             + "; outside for: " + (", ".join(k for k in v if k not in within) or "none") + ".")
+    return text
+
+
+def _run_times(res: TaskResults) -> tuple[float | None, float | None]:
+    """Mean measured wall time of a finished (main, sweep) run of the task."""
+    main = [r.summary.get("wall_time_s") or 0.0 for c in res.cells.values() for r in c.runs]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return mean(main), mean(res.sweep_times)
+
+
+def _status_table(results: dict[str, TaskResults]) -> list[str]:
+    lines = ["| task | reported runs finished | sweep runs finished | mean time per run (s), main / sweep | "
+             "projected time left, one single-threaded worker |", "|---|---|---|---|---|"]
+    for key, res in results.items():
+        main_t, sweep_t = _run_times(res)
+        left = None
+        if main_t is not None and sweep_t is not None:
+            left = (res.expected_runs - res.finished_runs) * main_t + (res.sweep_expected - res.sweep_finished) * sweep_t
+        fmt = lambda t: "–" if t is None else f"{t:.0f}"  # noqa: E731
+        left_text = "done" if res.finished_runs >= res.expected_runs and res.sweep_finished >= res.sweep_expected else (
+            "not measured yet" if left is None else f"{left / 60:.0f} min")
+        lines.append(f"| {key} | {res.finished_runs} / {res.expected_runs} | {res.sweep_finished} / "
+                     f"{res.sweep_expected} | {fmt(main_t)} / {fmt(sweep_t)} | {left_text} |")
+    return lines + [""]
+
+
+def _claims_summary(results: dict[str, TaskResults]) -> list[str]:
+    """Plain statements: which comparisons reproduce, which do not, which are reversed."""
+    groups: dict[str, list[str]] = {"reproduces": [], "does not reproduce": [], "reversed": []}
+    for key, res in results.items():
+        for opt in ("sgd", "adamw"):
+            for a, b, claim in CLAIMS:
+                c = compare(res, opt, a, b)
+                if c is None or c.n < 2:
+                    continue
+                verdict = c.verdict(res.spec.higher_is_better)
+                unit = "log10 MSE ratio" if res.spec.kind == "synthetic" else "points"
+                item = f"{claim} — {key}, {opt}: {c.mean:+.2f} {unit} [{c.low:+.2f}, {c.high:+.2f}], {c.n} seeds"
+                groups[{"a better": "reproduces", "b better": "reversed"}.get(verdict, "does not reproduce")].append(item)
+    lines = ["## In plain words", ""]
+    for title, items in groups.items():
+        lines.append(f"**{title.capitalize()}** ({len(items)}):")
+        lines.append("")
+        lines += [f"- {i}" for i in items] or ["- none"]
+        lines.append("")
     return lines
 
 
@@ -213,10 +285,12 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         "continues the grid where it stopped and rewrites this page.",
         "",
     ]
-    missing = [f"`{k}` ({r.finished_runs}/{r.expected_runs} runs, {r.sweep_finished}/{r.sweep_expected} sweep)"
-               for k, r in results.items() if r.finished_runs < r.expected_runs or r.sweep_finished < r.sweep_expected]
+    lines += _status_table(results)
+    missing = [k for k, r in results.items() if r.finished_runs < r.expected_runs or r.sweep_finished < r.sweep_expected]
     if missing:
-        lines += ["Not finished yet: " + "; ".join(missing) + ".", ""]
+        lines += [f"**Not finished yet:** {', '.join(f'`{k}`' for k in missing)}. Continue with the same command "
+                  "(finished runs are skipped):", "", "```bash", command, "```", ""]
+    lines += _claims_summary(results)
     lines += [
         "## Methods (rows)",
         "",

@@ -199,7 +199,7 @@ def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
                   _as_override("train.eval_examples", spec.curve_examples)]
     config = load_config(None, overrides)
     runtime = TaskRuntime.load(config)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype, config.model.random_config)
     runtime.attach(model, tokenizer)
     test = runtime.evaluate_test(progress=False, label="zero-shot")
     validation = runtime.evaluate_validation(progress=False)
@@ -210,7 +210,7 @@ def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
     return summary
 
 
-GATE_CHECK = {"lr": 0.3, "steps": 40, "at_step": 20, "min_seeds": 5}
+GATE_CHECK = {"lr": 0.1, "steps": 60, "at_step": 40, "min_seeds": 5}
 
 
 def gate_weights_dir(cache: Path, seeds: tuple[int, ...]) -> Path:
