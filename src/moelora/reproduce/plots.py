@@ -43,7 +43,7 @@ def plot_task(results: TaskResults, path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(2, len(optimizers), figsize=(5.2 * len(optimizers), 7), squeeze=False)
     synthetic = spec.kind == "synthetic"
-    smooth = 10 if synthetic else 3
+    smooth = 10 if synthetic else 5
     for col, opt in enumerate(optimizers):
         top, bottom = axes[0][col], axes[1][col]
         for method in spec.rows[opt]:
