@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .grid import MAIN, SWEEP_SEED, Cell, Grid, TaskSpec
+from .grid import MAIN, Cell, Grid, TaskSpec
 from .runner import cell_dir, is_done, read_json, zero_shot_dir
 
 # Two-sided 95 % Student-t quantiles by degrees of freedom (no scipy dependency).
@@ -241,4 +241,4 @@ def _cache_of(results: TaskResults) -> Path:
 
 
 __all__ = ["CellStats", "Comparison", "Run", "TaskResults", "collect", "compare", "mean_curve", "run_curves",
-           "versus_zero_shot", "SWEEP_SEED"]
+           "versus_zero_shot"]

@@ -64,13 +64,27 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _progress_logging() -> None:
+    """One line per started / finished run on stderr, whatever the parent command configured."""
+    progress = logging.getLogger("moelora.reproduce")
+    if not any(getattr(h, "_reproduce_progress", False) for h in progress.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._reproduce_progress = True  # type: ignore[attr-defined]
+        progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    """Run (or continue) the grid described by ``args``, then write the results page; returns 0."""
     from .aggregate import collect
     from .grid import build_grid
     from .plots import plot_gate_weights, plot_task
     from .report import write_results
     from .runner import GridRunner, gate_check_seeds, gate_weights_dir, is_done, read_json
 
+    _progress_logging()
     grid = build_grid(quick=args.quick, tasks=args.tasks, seeds=args.seeds)
     cache = Path(args.cache)
     if not args.report_only:
@@ -104,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = configure(argparse.ArgumentParser(prog="python -m moelora.reproduce", description=__doc__))
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        for name in ("transformers", "moelora.train", "moelora.data", "moelora.eval", "moelora.model"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     return run_from_args(args)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from .aggregate import TaskResults, mean_curve, run_curves
-from .grid import METHODS
 
 COLORS = {"lora": "tab:gray", "moe": "tab:blue", "riem": "tab:orange", "riem_p05": "tab:red",
           "gate_rescaled": "tab:green", "plain_p05": "tab:purple"}
@@ -100,4 +99,4 @@ def plot_gate_weights(check: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-__all__ = ["plot_gate_weights", "plot_task", "METHODS"]
+__all__ = ["plot_gate_weights", "plot_task"]
