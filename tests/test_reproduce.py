@@ -112,13 +112,17 @@ def test_quick_grid_and_bad_arguments():
 
 def test_choose_lr():
     spec = tiny_grid().tasks["synthetic"]  # lower is better
-    assert choose_lr(spec, {0.1: {"validation": 0.5}, 0.3: None}) == (None, {})
-    lr, detail = choose_lr(spec, {0.1: {"validation": 0.5}, 0.3: {"validation": 0.2}, 1.0: {"diverged": True}})
+    assert choose_lr(spec, {0.1: [{"validation": 0.5}], 0.3: [None]}) == (None, {})
+    lr, detail = choose_lr(spec, {0.1: [{"validation": 0.5}], 0.3: [{"validation": 0.2}], 1.0: [{"diverged": True}]})
     assert lr == 0.3 and detail["values"][1.0] is None and not detail["edge"]
-    lr, detail = choose_lr(spec, {0.1: {"validation": 0.2}, 0.3: {"validation": 0.2}})
+    lr, detail = choose_lr(spec, {0.1: [{"validation": 0.2}], 0.3: [{"validation": 0.2}]})
     assert lr == 0.1 and detail["edge"]  # ties: the smaller rate
+    # Several sweep seeds: geometric mean on the synthetic task; one diverged seed disqualifies the rate.
+    lr, detail = choose_lr(spec, {0.1: [{"validation": 1e-2}, {"validation": 1e-4}],
+                                  0.3: [{"validation": 1e-5}, {"diverged": True}]})
+    assert lr == 0.1 and detail["values"][0.1] == pytest.approx(1e-3) and detail["values"][0.3] is None
     accuracy = full_tasks()["rt-minilm"]  # higher is better
-    assert choose_lr(accuracy, {0.1: {"validation": 0.7}, 0.3: {"validation": 0.8}})[0] == 0.3
+    assert choose_lr(accuracy, {0.1: [{"validation": 0.7}], 0.3: [{"validation": 0.8}]})[0] == 0.3
 
 
 # ------------------------------------------------------------------------------------------ synthetic
@@ -159,7 +163,7 @@ def test_runner_caches_and_resumes(tmp_path):
     grid = tiny_grid()
     runner = GridRunner(grid, tmp_path)
     runner.run()
-    assert runner.ran == 2 * 2 + 2 * 2  # sweep (2 methods x 2 rates) + main (2 methods x 2 seeds)
+    assert runner.ran == 2 * 2 + 2 * 2  # sweep (2 methods x 2 rates x 1 seed) + main (2 methods x 2 seeds)
     again = GridRunner(grid, tmp_path)
     again.run()
     assert again.ran == 0 and again.skipped == 8

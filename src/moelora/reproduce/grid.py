@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SWEEP_SEED = 1000  # the sweep uses its own seed, so no reported run is the one its learning rate was picked on
+SWEEP_SEED = 1000  # the sweep uses its own seeds (1000, 1001, ...): no reported run is one its rate was picked on
 
 SWEEP = "sweep"
 MAIN = "main"
@@ -81,6 +81,7 @@ class TaskSpec:
     sweep_examples: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
+    sweep_seeds: int = 1
     metric: str = "accuracy"
     higher_is_better: bool = True
 
@@ -108,7 +109,7 @@ def full_tasks() -> dict[str, TaskSpec]:
             key="synthetic", title="Synthetic teacher-student regression (a known mixture of low-rank maps)",
             kind="synthetic", rows=_both(ALL_ROWS),
             lrs={"sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "adamw": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)},
-            steps=300, batch_size=128, eval_every=10, metric="relative MSE", higher_is_better=False,
+            steps=300, batch_size=128, eval_every=10, metric="relative MSE", higher_is_better=False, sweep_seeds=2,
         ),
         TaskSpec(
             key="rt-minilm", title="Rotten Tomatoes, MiniLM-L6 encoder (classification head)", kind="train",
@@ -182,7 +183,8 @@ class Grid:
     def sweep_cells(self, task: str, pair: tuple[str, str] | None = None) -> list[Cell]:
         spec = self.tasks[task]
         pairs = [pair] if pair else self.pairs(task)
-        return [Cell(task, opt, method, SWEEP_SEED, SWEEP, lr) for opt, method in pairs for lr in spec.lrs[opt]]
+        return [Cell(task, opt, method, SWEEP_SEED + i, SWEEP, lr)
+                for opt, method in pairs for lr in spec.lrs[opt] for i in range(spec.sweep_seeds)]
 
     def main_cells(self, task: str, chosen: dict[tuple[str, str], float] | None = None,
                    pair: tuple[str, str] | None = None) -> list[Cell]:

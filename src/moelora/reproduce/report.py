@@ -81,7 +81,7 @@ def claims_table(results: dict[str, TaskResults]) -> list[str]:
 
 def _sweep_table(res: TaskResults) -> list[str]:
     spec = res.spec
-    lines = ["| optimizer | method | candidates: final validation value (sweep seed) | chosen lr |", "|---|---|---|---|"]
+    lines = ["| optimizer | method | candidates: final validation value (mean over sweep seeds) | chosen lr |", "|---|---|---|---|"]
     for (opt, method), stats in res.cells.items():
         if not stats.sweep:
             lines.append(f"| {opt} | {method} | (sweep not finished) | – |")
@@ -301,8 +301,9 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         *[f"- `{k}`: {m.label} — preconditioner `{m.preconditioner}`, backward gate power {m.gate_power:g}"
           + (", one expert of rank E·r" if m.single_lora else "") for k, m in METHODS.items()],
         "",
-        "Each (task, optimizer, method) gets its own learning rate from the same candidate list (one sweep run per "
-        "candidate, its own seed, final validation value), then the reported runs use seeds "
+        "Each (task, optimizer, method) gets its own learning rate from the same candidate list (sweep runs with "
+        "their own seeds — two on the synthetic task, one on real tasks — judged by the final validation value), "
+        "then the reported runs use seeds "
         f"{', '.join(map(str, grid.seeds))}. Differences are paired by seed.",
         "",
         "## Deviations from the paper's protocol (method.md section 7)",
@@ -311,8 +312,8 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         "2000 steps of 80; fp32 base models of 135 M / 23 M parameters instead of 4-bit Llama-3.2-3B; dropout 0 "
         "(the fused path); the adapter itself is the paper's (E = 20, top_k = 10, r = 4, alpha = 16, q/k/v/o).",
         "- The paper uses one learning rate for its baseline and its method; here every method gets its own from "
-        "the same candidates (a method cannot win only because the shared rate suits it). The sweep uses one seed; "
-        "the synthetic section 5 check below compares the variants at one common rate instead.",
+        "the same candidates (a method cannot win only because the shared rate suits it). The real-task sweeps use "
+        "one seed; the synthetic section 5 check below also compares the variants at one common rate.",
         "- Router learning rate = expert rate / 1000 (SGD) or / 330 (AdamW), the paper's ratios; linear decay to "
         "0.1x as in the paper, with 3 warm-up steps.",
         "- Social IQa is scored by the log-likelihood of each answer text (cloze), not by a generated letter "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -253,15 +254,23 @@ def _worker(spec: TaskSpec, cell: Cell, folder: str) -> tuple[str, dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------ the grid
-def choose_lr(spec: TaskSpec, results: dict[float, dict[str, Any] | None]) -> tuple[float | None, dict[str, Any]]:
-    """The sweep's pick: best final validation value (ties: the smaller learning rate); diverged runs
-    rank last. Returns ``(lr, {"values": {lr: value or None}, "edge": bool})``; ``lr`` is None until every
-    candidate has finished."""
+def choose_lr(spec: TaskSpec, results: dict[float, list[dict[str, Any] | None]]) -> tuple[float | None, dict[str, Any]]:
+    """The sweep's pick from ``{lr: [summary of each sweep seed, None if not finished]}``: the best final
+    validation value (averaged over sweep seeds; geometric mean for the synthetic relative error), ties to
+    the smaller rate; a rate with a diverged seed ranks last. Returns ``(lr, {"values": {lr: value or None},
+    "edge": bool})``; ``lr`` is None until every sweep run has finished."""
     values: dict[float, float | None] = {}
-    for lr, summary in results.items():
-        if summary is None:
+    for lr, summaries in results.items():
+        if not summaries or any(s is None for s in summaries):
             return None, {}
-        values[lr] = None if summary.get("diverged") or summary.get("validation") is None else summary["validation"]
+        if any(s.get("diverged") or s.get("validation") is None for s in summaries):
+            values[lr] = None
+            continue
+        finals = [s["validation"] for s in summaries]
+        if spec.kind == "synthetic":
+            values[lr] = 10 ** (sum(math.log10(max(v, 1e-300)) for v in finals) / len(finals))
+        else:
+            values[lr] = sum(finals) / len(finals)
     finite = {lr: v for lr, v in values.items() if v is not None}
     if not finite:
         best = min(values)
@@ -293,10 +302,12 @@ class GridRunner:
         spec = self.grid.tasks[task]
         chosen, details = {}, {}
         for opt, method in self.grid.pairs(task):
-            results = {}
+            results: dict[float, list] = {}
             for lr in spec.lrs[opt]:
-                folder = cell_dir(self.cache, spec, Cell(task, opt, method, SWEEP_SEED, SWEEP, lr))
-                results[lr] = read_json(folder / "summary.json") if is_done(folder) else None
+                results[lr] = []
+                for i in range(spec.sweep_seeds):
+                    folder = cell_dir(self.cache, spec, Cell(task, opt, method, SWEEP_SEED + i, SWEEP, lr))
+                    results[lr].append(read_json(folder / "summary.json") if is_done(folder) else None)
             lr, detail = choose_lr(spec, results)
             if lr is not None:
                 chosen[(opt, method)] = lr
