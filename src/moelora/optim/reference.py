@@ -54,7 +54,8 @@ class _Reference(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None
+        if closure is not None:
+            raise ValueError("the reference optimizers take no closure")
         todo = []
         for group in self.param_groups:
             scale = self.clip_scale(group)
