@@ -12,7 +12,8 @@ in one batch: Gram matrices ``(N, r, r)`` -> ``cholesky_ex`` -> ``cholesky_inver
 per factor. Solves run in float32 at least (float64 stays float64). A factorisation that fails (not
 positive definite, or non-finite) is counted and reported, never silently replaced: a warning gives the
 counts and the affected experts' preconditioned gradients are zero for that step; if every factorisation
-fails the step raises ``PreconditionerError`` before any parameter changes.
+of a solve fails it raises ``PreconditionerError`` before that solve's parameters change (with
+``b_from_updated_a`` the B side is solved after the A update).
 
 This module only maps gradients to preconditioned gradients; the update rule (SGD, AdamW) is separate.
 """
