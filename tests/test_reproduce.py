@@ -55,6 +55,7 @@ def test_full_grid_rows_optimizers_and_seeds():
         assert set(MOE_ROWS) <= set(spec.rows["adamw"]), key  # the four MoE-LoRA rows under AdamW everywhere
         for opt in spec.rows:
             assert len(spec.lrs[opt]) >= 2, (key, opt)  # a real sweep
+            assert set(build_grid(quick=True).tasks.get(key, spec).lrs.get(opt, ())) <= set(spec.lrs[opt])
     synthetic = grid.tasks["synthetic"]
     assert synthetic.rows == {"sgd": tuple(METHODS), "adamw": tuple(METHODS)}
     # The paper's comparison runs first.

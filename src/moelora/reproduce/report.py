@@ -340,7 +340,12 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
     for key, res in results.items():
         spec = res.spec
         lines += [f"## {spec.title} (`{key}`)", "", _settings(res), "",
-                  f"Rows run: " + "; ".join(f"{o}: {', '.join(r)}" for o, r in spec.rows.items()) + ".", ""]
+                  "Rows run: " + "; ".join(f"{o}: {', '.join(r)}" for o, r in spec.rows.items()) + ".", ""]
+        cut = {o: [m for m in METHODS if m not in spec.rows.get(o, ())] for o in ("sgd", "adamw")}
+        cut = {o: ms for o, ms in cut.items() if ms}
+        if cut:
+            lines += ["Rows cut to fit the budget (seeds were kept instead): "
+                      + "; ".join(f"{o}: {', '.join(ms)}" for o, ms in cut.items()) + ".", ""]
         lines += _zero_shot_lines(res)
         lines += ["Learning rates:", "", *_sweep_table(res), "",
                   f"Held-out {spec.metric} (test split{'' if spec.kind == 'synthetic' else ', %'}), mean ± std over seeds:",
