@@ -8,7 +8,8 @@ Three comparisons, on Rotten Tomatoes training reviews:
 - ``throughput``: tokens per second of the default job's loop (length-grouped batches, answer-only loss)
   against the plain alternative (PEFT LoRA r=16, ``torch.optim.AdamW``, ``transformers``' own loss over
   full-vocabulary logits, random batches padded to their longest sequence), on the same examples;
-- ``memory``: peak resident memory added by training steps, each candidate in its own process.
+- ``memory``: the memory a training step holds beyond the frozen model (saved activations, gradients,
+  optimizer state), counted exactly.
 
     python -m moelora.bench.train_bench [--quick]
 """
@@ -17,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import threading
 import time
 
 import torch
@@ -136,49 +133,46 @@ def bench_throughput(quick: bool) -> dict:
             "tokens_per_s": tps, "speedup_vs_plain": tps["moelora_default_loop"] / tps["plain_peft_loop"]}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def step_memory(candidate: str) -> dict[str, int]:
+    """Bytes a training step holds beyond the frozen model, counted exactly (not sampled from the OS).
 
-
-def peak_step_memory(candidate: str, steps: int = 3) -> int:
-    """Peak resident memory above the level after one warm-up step, over ``steps`` more steps (bytes).
-
-    The warm-up step pages in the memory-mapped weights and allocates the optimizer state, so the number
-    is the transient memory of a step: activations, gradients, the optimizer's work space.
+    - ``activations``: distinct storages autograd saves for the backward pass (captured with
+      ``torch.autograd.graph.saved_tensors_hooks``), excluding parameters;
+    - ``gradients``: the trainable parameters' gradients;
+    - ``optimizer_state``: every tensor in the optimizer's state after the step.
+    The peak of a step is about their sum (activations are freed as the backward pass consumes them,
+    while gradients appear).
     """
     model, optimizer, runtime = _setup(candidate)
     batch = runtime.collate_train(list(range(BATCH)))
-    step = _answer_loss_step(model, optimizer, batch)
-    step()  # touch the memory-mapped weights and create the optimizer state before the baseline
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
+    from moelora.train.loss import CausalLMAnswerLoss
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
+    loss_module = CausalLMAnswerLoss(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(steps):
-        step()
-    done.set()
-    thread.join()
-    return peak[0] - base
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, count = loss_module(**batch["inputs"])
+    (loss_sum / count).backward()
+    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return {"activations": sum(saved.values()), "gradients": gradients, "optimizer_state": state,
+            "total": sum(saved.values()) + gradients + state}
 
 
 def bench_memory(quick: bool) -> dict:
-    """Each candidate in a fresh process (resident memory is per process)."""
-    result = {}
-    for candidate in ("moelora", "peft_lora"):
-        out = subprocess.run(
-            [sys.executable, "-c", f"from moelora.bench.train_bench import peak_step_memory as p; print(p({candidate!r}))"],
-            capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        result[candidate] = int(out.stdout.strip().splitlines()[-1])
-    return {"peak_step_bytes": result, "ratio_vs_peft_lora": result["moelora"] / max(result["peft_lora"], 1)}
+    """Step memory of both candidates on the same batch."""
+    result = {candidate: step_memory(candidate) for candidate in ("moelora", "peft_lora")}
+    return {"step_bytes": result,
+            "ratio_vs_peft_lora": result["moelora"]["total"] / result["peft_lora"]["total"],
+            "activation_ratio_vs_peft_lora": result["moelora"]["activations"] / result["peft_lora"]["activations"]}
 
 
 def run(quick: bool = False) -> dict:
