@@ -21,11 +21,16 @@ from .timing import time_interleaved
 
 
 class PerExpertLoop(nn.Module):
-    """The straightforward MoE-LoRA: one small LoRA module per expert, looped in Python (2E GEMMs)."""
+    """The straightforward MoE-LoRA: one small LoRA module per expert, looped in Python (2E GEMMs).
 
-    def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float) -> None:
+    With ``dropout > 0`` each expert draws its own mask, as the paper's reference code does.
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.base, self.top_k, self.scaling = base, top_k, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(base.in_features, num_experts, bias=False)
         self.lora_A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(num_experts))
         self.lora_B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(num_experts))
@@ -36,21 +41,22 @@ class PerExpertLoop(nn.Module):
         gates = top_k_gates(self.router(x), self.top_k)
         out = self.base(x)
         for i, (a, b) in enumerate(zip(self.lora_A, self.lora_B)):
-            out = out + gates[:, i : i + 1] * self.scaling * b(a(x))
+            out = out + gates[:, i : i + 1] * self.scaling * b(a(self.dropout(x)))
         return out
 
 
 class DenseLoRA(nn.Module):
     """A single LoRA of rank ``rank`` (the same trainable size as E experts of rank r)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base, self.scaling = base, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.lora_B = nn.Parameter(torch.randn(base.out_features, rank) * 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * (x @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base(x) + self.scaling * (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()
 
 
 class GroupedSparse(nn.Module):
@@ -95,24 +101,29 @@ def _step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
 
 
 def run(quick: bool = False, d: int = 576, tokens: int = 2048, num_experts: int = 20, top_k: int = 10,
-        rank: int = 4, alpha: float = 16.0) -> dict:
-    """Median seconds per forward+backward and the ratios against the stacked layer."""
+        rank: int = 4, alpha: float = 16.0, dropout: float = 0.0) -> dict:
+    """Median seconds per forward+backward and the ratios against the stacked layer.
+
+    ``dropout`` applies to every candidate (one mask for the stacked layer and the dense LoRA, one per
+    expert for the loop, as in the paper's reference code).
+    """
     torch.manual_seed(0)
     base = nn.Linear(d, d).requires_grad_(False)
     x = torch.randn(tokens, d, requires_grad=True)
     upstream = torch.randn(tokens, d)
-    stacked = MoELoRALinear(base, num_experts, top_k, rank, alpha, gate_backward_power=0.5)
+    stacked = MoELoRALinear(base, num_experts, top_k, rank, alpha, dropout=dropout, gate_backward_power=0.5)
     with torch.no_grad():
         stacked.lora_B.normal_(0.0, 0.01)
     candidates = {
         "moelora": _step(stacked, x, upstream),
-        "per_expert_loop": _step(PerExpertLoop(base, num_experts, top_k, rank, alpha), x, upstream),
-        f"dense_lora_r{num_experts * rank}": _step(DenseLoRA(base, num_experts * rank, alpha), x, upstream),
+        "per_expert_loop": _step(PerExpertLoop(base, num_experts, top_k, rank, alpha, dropout), x, upstream),
+        f"dense_lora_r{num_experts * rank}": _step(DenseLoRA(base, num_experts * rank, alpha, dropout), x, upstream),
     }
     timing = time_interleaved(candidates, repeats=10 if quick else 30)
     dense = f"dense_lora_r{num_experts * rank}"
     return {
-        "shape": {"d": d, "tokens": tokens, "num_experts": num_experts, "top_k": top_k, "rank": rank},
+        "shape": {"d": d, "tokens": tokens, "num_experts": num_experts, "top_k": top_k, "rank": rank,
+                  "dropout": dropout},
         "timings": timing.as_dict(),
         "speedup_vs_per_expert_loop": timing.ratio("per_expert_loop", "moelora"),
         "cost_vs_dense_lora": timing.ratio("moelora", dense),
@@ -145,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    print(json.dumps({"layer": run(quick=args.quick), "layer_sparse": run_sparse(quick=args.quick)}, indent=2))
+    print(json.dumps({"layer": run(quick=args.quick), "layer_dropout": run(quick=args.quick, dropout=0.05),
+                      "layer_sparse": run_sparse(quick=args.quick)}, indent=2))
 
 
 if __name__ == "__main__":

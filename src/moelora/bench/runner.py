@@ -14,6 +14,8 @@ import torch
 TARGETS = {
     "layer.speedup_vs_per_expert_loop": (">=", 5.0),
     "layer.cost_vs_dense_lora": ("<=", 1.2),
+    "layer_dropout.speedup_vs_per_expert_loop": (">=", 5.0),
+    "layer_dropout.cost_vs_dense_lora": ("<=", 1.2),
     "layer_sparse.sparse_speedup_vs_dense": (">=", 1.0),
     "optimizer.cost_vs_torch_adamw_foreach": ("<=", 1.3),
     "optimizer.speedup_vs_per_expert_loop": (">=", 10.0),
@@ -45,11 +47,12 @@ def _lookup(results: dict, dotted: str):
 
 
 def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[str] | None = None) -> dict:
-    """Run the comparisons (``only`` picks some of: layer, layer_sparse, optimizer, train) and print a table."""
+    """Run the comparisons (``only`` picks some of: layer, layer_dropout, layer_sparse, optimizer, train) and print a table."""
     from . import layer_bench, optim_bench, train_bench
 
     suites = {
         "layer": lambda: layer_bench.run(quick=quick),
+        "layer_dropout": lambda: layer_bench.run(quick=quick, dropout=0.05),
         "layer_sparse": lambda: layer_bench.run_sparse(quick=quick),
         "optimizer": lambda: optim_bench.run(quick=quick),
         "train": lambda: train_bench.run(quick=quick),
