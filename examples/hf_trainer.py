@@ -21,30 +21,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import moelora
 from moelora.data import CausalLMCollator, Example, load_task
 from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
+from moelora.train.models import load_model_and_tokenizer
 
 
 def load_base(model_path: str | None, seed: int = 0):
-    """``(model, tokenizer)``: a local Hugging Face folder, or a tiny random Llama when ``model_path`` is None."""
+    """``(model, tokenizer)``: a local Hugging Face folder (bf16), or a tiny random Llama when ``model_path`` is None."""
     if model_path is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from moelora.train.models import byte_level_tokenizer
-
-        tokenizer = byte_level_tokenizer()
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id,
-                             # 5x the usual init: at 0.02 a random LM head is too weak to ever make confident
-                             # predictions, and the loss of a tiny run would hardly move.
-                             initializer_range=0.1)
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16), tokenizer
+        # 5x the usual init: at 0.02 a random LM head is too weak to ever make confident predictions, and
+        # the loss of a tiny run would hardly move.
+        return load_model_and_tokenizer("random-llama", random_config={"initializer_range": 0.1}, seed=seed)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype="bfloat16")
+    return model, tokenizer
 
 
 def tiny_examples(n: int = 64, seed: int = 0) -> list[Example]:
