@@ -121,7 +121,7 @@ def main(model_path: str | None = None, task: str | None = None, data_dir: str |
         trained = model(**probe).logits.float()
         moelora.unwrap(model)  # back to the plain base model
         moelora.load_adapter(model, out_dir)  # raises a clear error if the base model does not match
-        model.eval()  # the layers load_adapter creates start in training mode (dropout on)
+        model.eval()
         same = torch.allclose(model(**probe).logits.float(), trained, atol=1e-4)
     print(f"adapter saved to {out_dir}; reloaded into the base model: {'same' if same else 'DIFFERENT'} logits")
     return {"losses": history.losses, "adapter_dir": out_dir, "reload_matches": same}
