@@ -345,7 +345,8 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         cut = {o: ms for o, ms in cut.items() if ms}
         if cut:
             lines += ["Rows cut to fit the budget (seeds were kept instead): "
-                      + "; ".join(f"{o}: {', '.join(ms)}" for o, ms in cut.items()) + ".", ""]
+                      + "; ".join(f"{o}: " + ("all rows" if len(ms) == len(METHODS) else ", ".join(ms))
+                                  for o, ms in cut.items()) + ".", ""]
         lines += _zero_shot_lines(res)
         lines += ["Learning rates:", "", *_sweep_table(res), "",
                   f"Held-out {spec.metric} (test split{'' if spec.kind == 'synthetic' else ', %'}), mean ± std over seeds:",
