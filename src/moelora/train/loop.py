@@ -210,7 +210,6 @@ class Trainer:
         plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
 
         model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
         bar = None
         if self.progress and ctx.is_main:
             from tqdm.auto import tqdm
