@@ -1,0 +1,60 @@
+"""The benchmark harness runs and its fast paths agree with their references (timings are not checked)."""
+
+import pytest
+import torch
+from torch import nn
+
+from moelora import MoELoRALinear
+from moelora.bench import layer_bench
+from moelora.bench.runner import TARGETS, format_table
+from moelora.bench.timing import time_interleaved
+
+SMALL = dict(d=32, tokens=64, num_experts=4, top_k=2, rank=2)
+
+
+def test_interleaved_timing_records_every_candidate():
+    calls = []
+    timing = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert {k: len(v) for k, v in timing.samples.items()} == {"a": 3, "b": 3}
+    assert timing.ratio("a", "b") > 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_layer_benchmark_runs_at_a_small_shape(dropout):
+    result = layer_bench.run(quick=True, dropout=dropout, **SMALL)
+    assert set(result["timings"]) == {"moelora", "per_expert_loop", "dense_lora_r8"}
+    assert result["speedup_vs_per_expert_loop"] > 0 and result["cost_vs_dense_lora"] > 0
+
+
+def test_grouped_sparse_path_matches_the_dense_layer():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 12), num_experts=6, top_k=2, rank=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(layer_bench.GroupedSparse(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+    assert layer_bench.run_sparse(quick=True, **SMALL)["sparse_speedup_vs_dense"] > 0
+
+
+def test_per_expert_loop_computes_the_same_function():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    loop = layer_bench.PerExpertLoop(base, num_experts=4, top_k=2, rank=3, alpha=6.0)
+    layer = MoELoRALinear(base, 4, 2, 3, 6.0)
+    with torch.no_grad():
+        layer.router.weight.copy_(loop.router.weight)
+        for i in range(4):
+            layer.lora_A[i].copy_(loop.lora_A[i].weight)
+            layer.lora_B[i].copy_(loop.lora_B[i].weight)
+    x = torch.randn(10, 16)
+    torch.testing.assert_close(loop(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_table_lists_targets_that_were_measured():
+    results = {"machine": {"cores": 2, "torch": "x", "torch_threads": 2, "date": "d"},
+               "layer": {"speedup_vs_per_expert_loop": 6.0, "cost_vs_dense_lora": 1.3}}
+    table = format_table(results)
+    assert "| layer.speedup_vs_per_expert_loop | 6.00 | >= 5 | yes |" in table
+    assert "| layer.cost_vs_dense_lora | 1.30 | <= 1.2 | no |" in table
+    assert "optimizer" not in table and len(TARGETS) >= 9
