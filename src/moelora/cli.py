@@ -76,70 +76,49 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(run_dir: str):
+def _load_run(run_dir: str, task: str | None = None):
+    """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head."""
     from .model import load_adapter
+    from .train.checkpoint import list_checkpoints, load_other_trainable
     from .train.config import load_config
-    from .train.models import is_encoder, load_model_and_tokenizer
+    from .train.models import load_base_for_run
+    from .train.tasks import TaskRuntime
 
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter").is_dir():
         raise FileNotFoundError(f"{folder} is not a finished run folder (needs config.yaml and adapter/)")
     config = load_config(folder / "config.yaml")
-    return config, folder, load_adapter, is_encoder, load_model_and_tokenizer
+    if task:
+        config.data.task = task
+    runtime = TaskRuntime.load(config)
+    model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels)
+    load_adapter(model, folder / "adapter")
+    checkpoints = list_checkpoints(folder / "checkpoints")
+    if checkpoints:  # a trained classification head lives beside the adapter in the last checkpoint
+        load_other_trainable(model, checkpoints[-1][1])
+    runtime.attach(model, tokenizer)
+    return config, runtime, model.eval(), tokenizer
 
 
 def cmd_eval(args) -> int:
-    from .train.tasks import TaskRuntime
-
-    config, folder, load_adapter, is_encoder, load_model_and_tokenizer = _load_run(args.run_dir)
-    if args.data:
-        config.data.task = args.data
+    config, runtime, _, _ = _load_run(args.run_dir, task=args.data)
     if args.method:
         config.eval.method = args.method
-    runtime = TaskRuntime.load(config)
-    model, tokenizer = load_model_and_tokenizer(
-        config.model.name, config.model.dtype, config.model.random_config,
-        num_labels=runtime.task.num_labels if is_encoder(config.model.name) else None, seed=config.train.seed,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-    load_adapter(model, folder / "adapter")
-    if (folder / "checkpoints").is_dir():
-        _load_extra_trainable(model, folder)
-    runtime.attach(model, tokenizer)
     examples = runtime.task.split(args.split)[: args.max_examples]
-    result = runtime._evaluate(examples, progress=not args.no_progress, label=args.split)
+    result = runtime.evaluate(examples, progress=not args.no_progress, label=args.split)
     shown = {k: v for k, v in result.items() if k not in ("correct", "predictions")}
     print(json.dumps(shown, indent=2))
     return 0
 
 
-def _load_extra_trainable(model, folder: Path) -> None:
-    """A trained classification head lives beside the adapter in the last checkpoint."""
-    from safetensors.torch import load_file
-
-    from .train.checkpoint import list_checkpoints
-
-    checkpoints = list_checkpoints(folder / "checkpoints")
-    if checkpoints and (checkpoints[-1][1] / "trainable.safetensors").is_file():
-        params = dict(model.named_parameters())
-        import torch
-
-        with torch.no_grad():
-            for name, tensor in load_file(str(checkpoints[-1][1] / "trainable.safetensors")).items():
-                params[name].copy_(tensor)
-
-
 def cmd_generate(args) -> int:
     import torch
 
-    config, folder, load_adapter, is_encoder, load_model_and_tokenizer = _load_run(args.run_dir)
+    from .train.models import is_encoder
+
+    config, _, model, tokenizer = _load_run(args.run_dir)
     if is_encoder(config.model.name):
         raise ValueError("generate needs a causal language model; this run trained an encoder classifier")
-    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype, config.model.random_config,
-                                                seed=config.train.seed,
-                                                trust_remote_code=config.model.trust_remote_code)
-    load_adapter(model, folder / "adapter")
-    model.eval()
     encoded = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 _TENSOR = "__tensor__"
@@ -117,3 +118,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+
+
+TRAINABLE_NAME = "trainable.safetensors"
+
+
+def other_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters outside the MoE-LoRA layers (e.g. a new classification head)."""
+    from ..model import moelora_layers
+
+    adapter_ids = {id(p) for _, layer in moelora_layers(model) for p in (layer.lora_A, layer.lora_B, layer.router.weight)}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
+
+
+def save_other_trainable(model: nn.Module, folder: Path) -> None:
+    """Write ``folder/trainable.safetensors`` when the model trains anything besides its adapters."""
+    from safetensors.torch import save_file
+
+    extra = {n: p.detach().contiguous().cpu() for n, p in other_trainable(model).items()}
+    if extra:
+        save_file(extra, str(folder / TRAINABLE_NAME))
+
+
+def load_other_trainable(model: nn.Module, folder: Path) -> bool:
+    """Copy ``folder/trainable.safetensors`` into the model's parameters of the same names, if present."""
+    from safetensors.torch import load_file
+
+    path = folder / TRAINABLE_NAME
+    if not path.is_file():
+        return False
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path)).items():
+            if name not in params:
+                raise ValueError(f"{path}: the model has no parameter {name!r}")
+            params[name].copy_(tensor)
+    return True

@@ -27,13 +27,13 @@ from torch import nn
 from ..atomic import atomic_dir, write_text_atomic
 from ..config import MoELoRAConfig
 from ..diagnostics import router_stats
-from ..model import load_adapter_weights, moelora_layers, save_adapter, wrap
+from ..model import load_adapter_weights, save_adapter, wrap
 from . import checkpoint as ckpt
 from .batching import StepBatches
 from .config import RunConfig, dump_config
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
-from .models import is_encoder, load_model_and_tokenizer
+from .models import load_base_for_run
 from .optimizers import build_optimizer
 from .schedule import build_scheduler
 from .tasks import TaskRuntime
@@ -62,12 +62,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _other_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters outside the MoE-LoRA layers (e.g. a new classification head)."""
-    adapter_ids = {id(p) for _, layer in moelora_layers(model) for p in (layer.lora_A, layer.lora_B, layer.router.weight)}
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
 
 
 class Trainer:
@@ -115,13 +109,9 @@ class Trainer:
     def _save_checkpoint(self, step: int, model, optimizer, scheduler) -> None:
         if not self.ctx.is_main:
             return
-        from safetensors.torch import save_file
-
         def fill(folder: Path) -> None:
             save_adapter(model, folder / "adapter")
-            extra = {n: p.detach().contiguous().cpu() for n, p in _other_trainable(model).items()}
-            if extra:
-                save_file(extra, str(folder / "trainable.safetensors"))
+            ckpt.save_other_trainable(model, folder)
             ckpt.save_state(optimizer.state_dict(), folder, "optimizer")
             ckpt.save_state({"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state()}, folder, "loop_state")
             (folder / "trainer_state.json").write_text(
@@ -133,14 +123,8 @@ class Trainer:
         ckpt.prune_checkpoints(folder, self.config.train.keep_checkpoints)
 
     def _load_checkpoint(self, path: Path, model, optimizer, scheduler) -> None:
-        from safetensors.torch import load_file
-
         load_adapter_weights(model, path / "adapter")
-        if (path / "trainable.safetensors").is_file():
-            params = _other_trainable(model)
-            with torch.no_grad():
-                for name, tensor in load_file(str(path / "trainable.safetensors")).items():
-                    params[name].copy_(tensor)
+        ckpt.load_other_trainable(model, path)
         optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         loop_state = ckpt.load_state(path, "loop_state")
         scheduler.load_state_dict(loop_state["scheduler"])
@@ -173,11 +157,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
 
         runtime = TaskRuntime.load(cfg)
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model.name, cfg.model.dtype, cfg.model.random_config,
-            num_labels=runtime.task.num_labels if is_encoder(cfg.model.name) else None, seed=tcfg.seed,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        model, tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels)
         runtime.attach(model, tokenizer)
 
         zero_shot = None

@@ -148,3 +148,13 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
         tokenizer.pad_token = tokenizer.eos_token
     model.config.name_or_path = name
     return model.eval(), tokenizer
+
+
+def load_base_for_run(config, num_labels: int | None = None) -> tuple[nn.Module, object]:
+    """The base model and tokenizer a run configuration (``RunConfig``) names; ``num_labels`` sizes the
+    classification head of an encoder (ignored for causal LMs)."""
+    m = config.model
+    return load_model_and_tokenizer(
+        m.name, m.dtype, m.random_config, num_labels=num_labels if is_encoder(m.name) else None,
+        seed=config.train.seed, trust_remote_code=m.trust_remote_code,
+    )

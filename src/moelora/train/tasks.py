@@ -74,7 +74,8 @@ class TaskRuntime:
         return {"inputs": inputs, "n_targets": n_targets, "n_tokens": int(inputs["attention_mask"].sum())}
 
     # ------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, examples: list[Example], progress: bool, label: str) -> dict[str, Any]:
+    def evaluate(self, examples: list[Example], progress: bool = False, label: str = "eval") -> dict[str, Any]:
+        """``moelora.eval.evaluate`` on ``examples`` with the run's settings, as a JSON-ready dict."""
         from ..eval import evaluate
 
         result = evaluate(
@@ -85,7 +86,7 @@ class TaskRuntime:
         return result.to_dict()
 
     def evaluate_test(self, progress: bool = True, label: str = "test") -> dict[str, Any]:
-        return self._evaluate(self.task.test, progress, label)
+        return self.evaluate(self.task.test, progress, label)
 
     def evaluate_validation(self, progress: bool = False) -> dict[str, Any]:
-        return self._evaluate(self.task.validation[: self.config.train.eval_examples], progress, "validation")
+        return self.evaluate(self.task.validation[: self.config.train.eval_examples], progress, "validation")
