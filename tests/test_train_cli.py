@@ -177,3 +177,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert one.keys() == two.keys()
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+
+
+def test_every_subcommand_is_wired(capsys):
+    for command in ("train", "eval", "generate", "bench", "reproduce"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"moelora {command}" in capsys.readouterr().out

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_bench(sub)
+    from .reproduce.cli import add_parser as add_reproduce
+
+    add_reproduce(sub)
     return parser
 
 
@@ -134,7 +137,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
+def cmd_reproduce(args) -> int:
+    from .reproduce.cli import run_from_args
+
+    return run_from_args(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
+            "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:
