@@ -268,3 +268,14 @@ def test_real_model_path_on_a_tiny_random_llama(tmp_path, monkeypatch):
     page = tmp_path / "results.md"
     write_results(grid, {"tiny": results}, page, "moelora reproduce", tmp_path, None, {})
     assert "Zero-shot (base model, no adapter)" in page.read_text()
+
+
+def test_verdict_needs_both_seed_and_example_intervals():
+    from moelora.reproduce.aggregate import Comparison
+
+    clear = Comparison("a", "b", "adamw", [0.5, 0.6, 0.4], 0.5, 0.1, 0.25, 0.75)
+    assert clear.verdict(higher_is_better=True) == "a better"
+    assert clear.verdict(higher_is_better=False) == "b better"
+    noisy_examples = Comparison("a", "b", "adamw", [0.5, 0.6, 0.4], 0.5, 0.1, 0.25, 0.75, bootstrap=(0.5, -0.2, 1.3))
+    assert noisy_examples.verdict(higher_is_better=True) == "no clear difference"
+    assert Comparison("a", "b", "sgd", [1.0], 1.0, math.nan, math.nan, math.nan).verdict(True) == "too few runs"

@@ -162,7 +162,11 @@ class Comparison:
         if self.n < 2 or math.isnan(self.low):
             return "too few runs"
         better_sign = 1 if higher_is_better else -1
-        if self.low > 0 or self.high < 0:
+        seeds_clear = self.low > 0 or self.high < 0
+        # On real tasks every seed is scored on the same held-out examples: the difference must also
+        # clear the test-set noise (paired bootstrap over examples), not only the seed-to-seed noise.
+        examples_clear = self.bootstrap is None or self.bootstrap[1] > 0 or self.bootstrap[2] < 0
+        if seeds_clear and examples_clear:
             return "a better" if (self.mean > 0) == (better_sign > 0) else "b better"
         return "no clear difference"
 

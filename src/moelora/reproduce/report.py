@@ -54,7 +54,7 @@ def _unit(spec) -> str:
 def _comparison_row(spec, c: Comparison, claim: str) -> str:
     verdict = c.verdict(spec.higher_is_better)
     statement = {"a better": "**reproduces**", "b better": "**reversed**",
-                 "no clear difference": "does not reproduce (no difference beyond seed noise)",
+                 "no clear difference": "does not reproduce (no difference beyond the noise)",
                  "too few runs": "undecided (fewer than 2 paired seeds)"}[verdict]
     ci = "–" if math.isnan(c.low) else f"[{c.low:+.2f}, {c.high:+.2f}]"
     boot = "" if c.bootstrap is None else f"{c.bootstrap[0]:+.1f} [{c.bootstrap[1]:+.1f}, {c.bootstrap[2]:+.1f}]"
@@ -326,7 +326,9 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         "## Claims",
         "",
         "A claim reproduces when the 95 % t-interval of the per-seed differences excludes zero in the claimed "
-        "direction. On the synthetic task differences are log10 ratios of the held-out relative MSE (negative = "
+        "direction and, on real tasks, so does the paired bootstrap interval over the held-out examples (every "
+        "seed is scored on the same examples, so both the seed noise and the test-set noise must be cleared). "
+        "On the synthetic task differences are log10 ratios of the held-out relative MSE (negative = "
         "a is better); on real tasks accuracy points (positive = a is better).",
         "",
         *claims_table(results),
