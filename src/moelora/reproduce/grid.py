@@ -122,7 +122,7 @@ def full_tasks() -> dict[str, TaskSpec]:
         TaskSpec(
             key="rt-smollm2", title="Rotten Tomatoes, SmolLM2-135M-Instruct (next-token answer)", kind="train",
             rows={"adamw": MOE_ROWS + ("lora",), "sgd": ("riem", "riem_p05")},
-            lrs={"sgd": (0.003, 0.01, 0.03), "adamw": (3e-4, 1e-3, 3e-3)},
+            lrs={"sgd": (0.01, 0.03), "adamw": (3e-4, 1e-3, 3e-3)},
             steps=40, batch_size=8, eval_every=10, curve_examples=100, test_examples=600, sweep_examples=200,
             overrides={"model.name": "smollm2-135m-instruct", "data.task": "rotten_tomatoes",
                        "data.max_length": 160, **SMOLLM2_ADAPTER},
@@ -132,7 +132,7 @@ def full_tasks() -> dict[str, TaskSpec]:
             key="siqa-smollm2", title="Social IQa, SmolLM2-135M-Instruct (answer text scored by log-likelihood)",
             kind="train", rows={"adamw": MOE_ROWS},
             lrs={"adamw": (3e-4, 1e-3, 3e-3)},
-            steps=40, batch_size=8, eval_every=20, curve_examples=100, test_examples=500, sweep_examples=190,
+            steps=40, batch_size=8, eval_every=20, curve_examples=60, test_examples=500, sweep_examples=190,
             overrides={"model.name": "smollm2-135m-instruct", "data.task": "siqa",
                        "data.options": {"answer_format": "text"}, "data.max_length": 192, **SMOLLM2_ADAPTER},
             zero_shot=True,
