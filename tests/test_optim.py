@@ -600,3 +600,16 @@ def test_gate_statistics_are_all_reduced_under_distributed(monkeypatch):
     # Doubling both sums and counts leaves every mean unchanged: the same step as a single process.
     RiemannianSGD(param_groups(single, lr=0.01), preconditioner="gate_rescaled").step()
     assert_nets_close(net, single, rel=1e-14)
+
+
+def test_damped_inverse_counts_failed_factorisations_instead_of_raising():
+    from moelora.optim.precondition import damped_inverse
+
+    good = torch.eye(4) * 2.0
+    singular = torch.zeros(4, 4)
+    singular[0, 0] = 1.0  # positive semi-definite, rank 1: the factorisation fails
+    indefinite = -torch.eye(4)
+    inverses, not_pd, non_finite = damped_inverse(torch.stack([good, singular, indefinite]))
+    assert not_pd.tolist() == [False, True, True] and not non_finite.any()
+    torch.testing.assert_close(inverses[0], torch.eye(4) * 0.5)
+    assert (inverses[1:] == 0).all()

@@ -164,10 +164,14 @@ def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     not finite.
     """
     chol, info = torch.linalg.cholesky_ex(systems)
+    not_pd = info != 0
+    # A failed factor is only partly computed and cholesky_inverse may raise on it: invert the identity in
+    # its place (the result is masked to zero below), so the failure is counted rather than raised.
+    identity = torch.eye(systems.shape[-1], dtype=chol.dtype, device=chol.device)
+    chol = torch.where(not_pd[:, None, None], identity, chol)
     # cholesky_inverse reads only the lower triangle, and is several times faster than cholesky_solve
     # against wide right-hand sides; the inverse is then applied with one batched matmul per factor.
     inverses = torch.cholesky_inverse(chol)
-    not_pd = info != 0
     non_finite = ~torch.isfinite(inverses).flatten(1).all(dim=1) & ~not_pd
     return inverses.masked_fill_((not_pd | non_finite)[:, None, None], 0.0), not_pd, non_finite
 
