@@ -31,16 +31,6 @@ MIXED = [  # single-token options (one forward per prompt) and multi-token optio
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and many small parallel regions slow to a crawl when the
-    machine's cores are busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -18,17 +18,8 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models run far faster on one thread than on cores shared with other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", ["plain_pytorch", "hf_trainer"])
-def test_example_trains_saves_and_reloads(name, tmp_path, one_thread):
+def test_example_trains_saves_and_reloads(name, tmp_path):
     out = tmp_path / "adapter"
     result = _load(name).main(out_dir=str(out), steps=20)
 
@@ -44,7 +35,7 @@ def test_example_trains_saves_and_reloads(name, tmp_path, one_thread):
     assert result["reload_matches"], "the reloaded adapter does not reproduce the trained model's logits"
 
 
-def test_example_other_variants_run(tmp_path, one_thread):
+def test_example_other_variants_run(tmp_path):
     """SGD with the gate-rescaled preconditioner and the plain backward (the derived variant)."""
     result = _load("plain_pytorch").main(out_dir=str(tmp_path / "a"), steps=4, optimizer="sgd",
                                          preconditioner="gate_rescaled", gate_power=1.0)
