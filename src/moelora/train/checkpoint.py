@@ -10,7 +10,6 @@ checkpoint or none.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
