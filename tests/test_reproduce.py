@@ -27,7 +27,7 @@ from moelora.reproduce.grid import (
     full_tasks,
 )
 from moelora.reproduce.report import write_results
-from moelora.reproduce.runner import GridRunner, cell_dir, choose_lr, is_done
+from moelora.reproduce.runner import GridRunner, cell_dir, choose_lr, is_done, run_cell
 from moelora.reproduce.synthetic import SyntheticSetup, Teacher, build_student, sample_inputs, train_synthetic
 
 
@@ -180,6 +180,50 @@ def test_runner_caches_and_resumes(tmp_path):
     # A changed budget is a different run (new folder).
     longer = tiny_grid(steps=9)
     assert cell_dir(tmp_path, longer.tasks["synthetic"], cell) != folder
+
+
+def test_work_order_puts_the_papers_comparison_first():
+    grid = build_grid()
+    order = grid.work_order()
+    assert sorted(order) == sorted((t, p) for t in grid.tasks for p in grid.pairs(t))
+    kept = [(t, p) for t, p in order if p[0] == "adamw" and p[1] in MOE_ROWS]
+    assert order[:len(kept)] == kept and {t for t, _ in kept} == set(grid.tasks)
+
+
+def test_main_runs_start_while_other_rows_still_sweep(tmp_path):
+    grid = tiny_grid()
+    runner = GridRunner(grid, tmp_path)
+    started = set()
+
+    def take():
+        job = runner._next_job(started)
+        if job is not None:
+            started.add(job[2])
+        return job
+
+    first = [take() for _ in range(4)]
+    assert [job[1][1].stage for job in first] == ["sweep"] * 4
+    assert [job[1][1].method for job in first] == ["riem", "riem", "riem_p05", "riem_p05"]
+    assert take() is None  # everything left waits on a running sweep
+    for kind, (spec, cell), folder in first[:2]:  # the first row's sweep finishes
+        run_cell(spec, cell, folder)
+    kind, (spec, cell), folder = take()
+    assert (cell.stage, cell.method, cell.lr) == ("main", "riem", runner.chosen_lrs("synthetic")[0][("sgd", "riem")])
+
+
+def test_two_worker_processes_give_the_same_runs(tmp_path):
+    grid = tiny_grid()
+    serial, parallel = GridRunner(grid, tmp_path / "serial"), GridRunner(grid, tmp_path / "parallel", jobs=2)
+    serial.run()
+    parallel.run()
+    assert serial.ran == parallel.ran == 8
+    for key, pair in grid.work_order():
+        chosen, _ = serial.chosen_lrs(key, pair)
+        assert parallel.chosen_lrs(key, pair)[0] == chosen
+        for cell in grid.sweep_cells(key, pair) + grid.main_cells(key, chosen, pair):
+            a, b = (json.loads((cell_dir(r.cache, grid.tasks[key], cell) / "summary.json").read_text())
+                    for r in (serial, parallel))
+            assert a["validation"] == b["validation"] and a.get("test") == b.get("test")
 
 
 def test_time_limit_starts_nothing(tmp_path):

@@ -249,10 +249,6 @@ def _init_worker(threads: int) -> None:
         pass
 
 
-def _worker(spec: TaskSpec, cell: Cell, folder: str) -> tuple[str, dict[str, Any]]:
-    return folder, run_cell(spec, cell, Path(folder))
-
-
 # ------------------------------------------------------------------------------------------ the grid
 def choose_lr(spec: TaskSpec, results: dict[float, list[dict[str, Any] | None]]) -> tuple[float | None, dict[str, Any]]:
     """The sweep's pick from ``{lr: [summary of each sweep seed, None if not finished]}``: the best final
@@ -282,10 +278,12 @@ def choose_lr(spec: TaskSpec, results: dict[float, list[dict[str, Any] | None]])
 
 
 class GridRunner:
-    """Runs ``grid`` into ``cache``: per task, the sweep, then the main runs at the chosen rates.
+    """Runs ``grid`` into ``cache``: for each row, its learning-rate sweep, then its main runs at the chosen
+    rate, in ``Grid.work_order``.
 
-    ``jobs`` worker processes with ``threads`` threads each; no new run starts after ``deadline``
-    (a ``time.time()`` value), so a sitting can end cleanly.
+    ``jobs`` worker processes with ``threads`` threads each, kept busy across rows and tasks (a row's main
+    runs start while other rows still sweep); no new run starts after ``deadline`` (a ``time.time()``
+    value), so a sitting can end cleanly.
     """
 
     def __init__(self, grid: Grid, cache: Path = DEFAULT_CACHE, jobs: int = 1, threads: int = 1,
@@ -297,11 +295,13 @@ class GridRunner:
     def _time_left(self) -> bool:
         return self.deadline is None or time.time() < self.deadline
 
-    def chosen_lrs(self, task: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], dict]]:
-        """From the cache: the chosen rate and the sweep values of every finished (optimizer, method)."""
+    def chosen_lrs(self, task: str, pair: tuple[str, str] | None = None
+                   ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], dict]]:
+        """From the cache: the chosen rate and the sweep values of every finished (optimizer, method) of
+        ``task`` (only ``pair`` when given)."""
         spec = self.grid.tasks[task]
         chosen, details = {}, {}
-        for opt, method in self.grid.pairs(task):
+        for opt, method in [pair] if pair else self.grid.pairs(task):
             results: dict[float, list] = {}
             for lr in spec.lrs[opt]:
                 results[lr] = []
@@ -314,70 +314,126 @@ class GridRunner:
                 details[(opt, method)] = detail
         return chosen, details
 
-    def _run_many(self, spec: TaskSpec, cells: list[Cell]) -> None:
-        todo = []
-        for cell in cells:
-            folder = cell_dir(self.cache, spec, cell)
-            if is_done(folder):
-                self.skipped += 1
-            else:
-                todo.append((cell, folder))
-        if not todo:
-            return
-        if self.jobs <= 1:
-            _init_worker(self.threads)
+    # -------------------------------------------------------------------------------- scheduling
+    def _next_job(self, started: set[Path]) -> tuple[str, Any, Path] | None:
+        """The next job to start: a zero-shot evaluation, a sweep run, or a main run whose sweep has
+        finished (so main runs never wait for other rows' sweeps), in ``Grid.work_order``; None when every
+        remaining job waits on a running sweep or nothing is left."""
+        for key, spec in self.grid.tasks.items():
+            if spec.zero_shot:
+                folder = zero_shot_dir(self.cache, spec)
+                if not is_done(folder) and folder not in started:
+                    return "zero-shot", spec, folder
+        for key, pair in self.grid.work_order():
+            spec = self.grid.tasks[key]
+            sweep = [(c, cell_dir(self.cache, spec, c)) for c in self.grid.sweep_cells(key, pair)]
+            todo = [(c, f) for c, f in sweep if not is_done(f)]
             for cell, folder in todo:
-                if not self._time_left():
-                    logger.warning("time limit reached: %s not started", cell.name)
-                    return
-                logger.info("run %s", cell.name)
-                summary = run_cell(spec, cell, folder)
-                self.ran += 1
-                logger.info("done %s: %s", cell.name, _short(summary))
-            return
-        with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(self.threads,)) as pool:
-            pending = list(todo)
-            running = set()
-            while pending or running:
-                while pending and len(running) < self.jobs and self._time_left():
-                    cell, folder = pending.pop(0)
-                    logger.info("run %s", cell.name)
-                    running.add(pool.submit(_worker, spec, cell, str(folder)))
-                if not running:
-                    if pending:
-                        logger.warning("time limit reached: %d runs not started", len(pending))
-                    return
-                done = next(iter(_wait_first(running)))
-                running.discard(done)
-                folder, summary = done.result()
-                self.ran += 1
-                logger.info("done %s: %s", folder, _short(summary))
+                if folder not in started:
+                    return "cell", (spec, cell), folder
+            if todo:
+                continue  # this row's sweep is still running
+            chosen, _ = self.chosen_lrs(key, pair)
+            for cell in self.grid.main_cells(key, chosen, pair):
+                folder = cell_dir(self.cache, spec, cell)
+                if not is_done(folder) and folder not in started:
+                    return "cell", (spec, cell), folder
+        return None
+
+    def _count_done(self) -> int:
+        done = 0
+        for key, pair in self.grid.work_order():
+            spec = self.grid.tasks[key]
+            chosen, _ = self.chosen_lrs(key, pair)
+            cells = self.grid.sweep_cells(key, pair) + [c for c in self.grid.main_cells(key, chosen, pair)
+                                                         if c.lr is not None]
+            done += sum(is_done(cell_dir(self.cache, spec, c)) for c in cells)
+        return done
 
     def run(self) -> None:
-        for key, spec in self.grid.tasks.items():
-            if not self._time_left():
-                break
-            if spec.kind == "synthetic":
+        """Run every job of the grid not in the cache, ``jobs`` at a time, until done or past the deadline."""
+        already = self._count_done()
+        for spec in self.grid.tasks.values():
+            if spec.kind == "synthetic" and self._time_left():
                 seeds = gate_check_seeds(self.grid.seeds)
                 folder = gate_weights_dir(self.cache, seeds)
                 if not is_done(folder):
                     logger.info("section 5 gate-weight check")
                     _init_worker(self.threads)
                     run_gate_weights(folder, seeds)
-            if spec.zero_shot:
-                folder = zero_shot_dir(self.cache, spec)
-                if not is_done(folder):
-                    logger.info("zero-shot %s", key)
-                    _init_worker(self.threads)
-                    run_zero_shot(spec, folder)
-            for pair in self.grid.pairs(key):
-                if not self._time_left():
+        started: set[Path] = set()
+        with _Pool(self.jobs, self.threads) as pool:
+            while True:
+                while pool.free() and self._time_left():
+                    job = self._next_job(started)
+                    if job is None:
+                        break
+                    kind, payload, folder = job
+                    started.add(folder)
+                    logger.info("run %s", _job_name(kind, payload, folder))
+                    pool.submit(kind, payload, folder)
+                if not pool.busy():
                     break
-                self._run_many(spec, self.grid.sweep_cells(key, pair))
-                chosen, _ = self.chosen_lrs(key)
-                main = [c for c in self.grid.main_cells(key, chosen, pair) if c.lr is not None]
-                self._run_many(spec, main)
+                kind, folder, summary = pool.wait_one()
+                if kind == "cell":
+                    self.ran += 1
+                logger.info("done %s: %s", folder, _short(summary))
+        if not self._time_left() and self._next_job(started) is not None:
+            logger.warning("time limit reached: no new run started")
+        self.skipped = already
+
+
+class _Pool:
+    """``jobs`` worker processes (spawned, ``threads`` threads each), or the calling process when
+    ``jobs <= 1``: ``submit`` a job, ``wait_one`` for the first to finish."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        self.jobs, self.threads = max(1, jobs), threads
+        self._executor: ProcessPoolExecutor | None = None
+        self._running: dict[Any, tuple[str, Path]] = {}
+        self._finished: list[tuple[str, Path, dict[str, Any]]] = []
+
+    def __enter__(self) -> "_Pool":
+        if self.jobs > 1:
+            self._executor = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"),
+                                                 initializer=_init_worker, initargs=(self.threads,))
+        else:
+            _init_worker(self.threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def free(self) -> bool:
+        return len(self._running) + len(self._finished) < self.jobs
+
+    def busy(self) -> bool:
+        return bool(self._running or self._finished)
+
+    def submit(self, kind: str, payload: Any, folder: Path) -> None:
+        if self._executor is None:  # in process: run now, report at the next wait_one
+            self._finished.append((kind, folder, _run_job(kind, payload, str(folder))))
+            return
+        self._running[self._executor.submit(_run_job, kind, payload, str(folder))] = (kind, folder)
+
+    def wait_one(self) -> tuple[str, Path, dict[str, Any]]:
+        if self._finished:
+            return self._finished.pop(0)
+        done = next(iter(_wait_first(set(self._running))))
+        kind, folder = self._running.pop(done)
+        return kind, folder, done.result()
+
+
+def _run_job(kind: str, payload: Any, folder: str) -> dict[str, Any]:
+    if kind == "zero-shot":
+        return run_zero_shot(payload, Path(folder))
+    spec, cell = payload
+    return run_cell(spec, cell, Path(folder))
+
+
+def _job_name(kind: str, payload: Any, folder: Path) -> str:
+    return f"zero-shot {payload.key}" if kind == "zero-shot" else payload[1].name
 
 
 def _wait_first(futures):
