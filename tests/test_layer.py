@@ -6,6 +6,7 @@ from torch import nn
 
 import moelora
 from moelora import MoELoRALinear
+from moelora.dropout import keep_mask, keep_probability
 from moelora.layer import layer_of
 
 from reference import reference_forward, reference_gates
@@ -17,11 +18,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} x {scale:.3e}"
 
 
-def make_layer(d_in=12, d_out=10, num_experts=5, top_k=3, rank=2, alpha=6.0, power=1.0, bias=True, seed=0):
+class SeparateLinear(nn.Linear):
+    """An ``nn.Linear`` subclass: the layer calls it as a module instead of fusing its GEMM."""
+
+
+def make_layer(d_in=12, d_out=10, num_experts=5, top_k=3, rank=2, alpha=6.0, power=1.0, bias=True, seed=0,
+               separate_base=False):
     torch.manual_seed(seed)
-    layer = MoELoRALinear(
-        nn.Linear(d_in, d_out, bias=bias), num_experts, top_k, rank, alpha, gate_backward_power=power
-    )
+    base = (SeparateLinear if separate_base else nn.Linear)(d_in, d_out, bias=bias)
+    layer = MoELoRALinear(base, num_experts, top_k, rank, alpha, gate_backward_power=power)
     with torch.no_grad():  # B = 0 at init would hide most gradients
         layer.lora_B.normal_(0.0, 0.5)
         layer.router.weight.normal_(0.0, 1.0)
@@ -52,8 +57,9 @@ def reference_grads(layer, x, upstream):
 
 @pytest.mark.parametrize("power", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("shape", [(7,), (2, 5)], ids=["2d", "3d"])
-def test_forward_and_all_gradients_match_per_expert_loop(power, shape):
-    layer = make_layer(power=power)
+@pytest.mark.parametrize("fused_base", [True, False], ids=["fused-base", "separate-base"])
+def test_forward_and_all_gradients_match_per_expert_loop(power, shape, fused_base):
+    layer = make_layer(power=power, separate_base=not fused_base)
     x = torch.randn(*shape, layer.in_features, generator=torch.Generator().manual_seed(1))
     out, gx, gA, gB, gR, upstream = layer_grads(layer, x)
     r_out, r_gx, r_gA, r_gB, r_gR = reference_grads(layer, x, upstream)
@@ -63,21 +69,21 @@ def test_forward_and_all_gradients_match_per_expert_loop(power, shape):
 
 
 @pytest.mark.parametrize("power", [1.0, 0.5])
-def test_dropout_applies_to_experts_only(power):
-    layer = make_layer(power=power)
-    layer.dropout = nn.Dropout(0.3)
+@pytest.mark.parametrize("fused_base", [True, False], ids=["fused-base", "separate-base"])
+def test_dropout_applies_to_experts_only(power, fused_base):
+    layer = make_layer(power=power, separate_base=not fused_base)
+    layer.dropout = 0.3
     x = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(11)
     out, gx, gA, gB, gR, upstream = layer_grads(layer, x)
-    torch.manual_seed(11)  # the layer's dropout is the first random draw of its forward
-    dropped = nn.functional.dropout(x.reshape(-1, 12), 0.3, training=True)
-    assert (dropped == 0).any()
+    torch.manual_seed(11)  # the layer's keep-mask is the first random draw of its forward
+    keep = keep_mask((12, 12), 0.3)
+    assert not keep.all() and keep.any()
     xr = x.clone().requires_grad_(True)
     A, B, R = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.router.weight))
-    mask = (dropped != 0).float() / 0.7
     ref = reference_forward(
         xr, layer.base_layer.weight, layer.base_layer.bias, A, B, R, layer.top_k, layer.scaling, power,
-        expert_input=xr.reshape(-1, 12) * mask,
+        expert_input=xr.reshape(-1, 12) * keep / keep_probability(0.3),
     )
     (ref * upstream).sum().backward()
     for got, want in [(out, ref.detach()), (gx, xr.grad), (gA, A.grad), (gB, B.grad), (gR, R.grad)]:
@@ -86,6 +92,27 @@ def test_dropout_applies_to_experts_only(power):
     with torch.no_grad():
         plain = reference_forward(x, layer.base_layer.weight, layer.base_layer.bias, A, B, R, layer.top_k, layer.scaling, power)
         assert_rel_close(layer(x), plain)
+
+
+def test_keep_mask_rate_and_lanes():
+    """Each of the four 16-bit lanes of a 64-bit word keeps with probability q (the top lane too), and
+    neighbours independently: rates within 5 standard errors."""
+    p, n = 0.05, 400_000
+    q = keep_probability(p)
+    assert q == round(0.95 * 2**16) / 2**16 and keep_probability(p, "meta") == pytest.approx(0.95)
+    torch.manual_seed(0)
+    keep = keep_mask((n,), p).float()
+    se = math.sqrt(q * (1 - q) / (n / 4))
+    for lane in range(4):
+        assert abs(keep[lane::4].mean().item() - q) < 5 * se, lane
+    both = (keep[:-1] * keep[1:]).mean().item()  # neighbours independent: P(both kept) = q^2
+    assert abs(both - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / n)
+    # Extreme rates stay strictly inside (0, 1), so 1 / q is finite and a tiny p still drops sometimes.
+    assert keep_probability(0.999999) == 2**-16 and keep_probability(1e-9) == 1 - 2**-16
+    assert keep_mask((3, 5), 0.999999).dtype == torch.bool
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            keep_probability(bad)
 
 
 def test_gate_power_changes_expert_gradients_but_not_router_or_forward():
@@ -252,3 +279,53 @@ def test_layer_compiles_without_graph_breaks():
     got = compiled(x)
     assert_rel_close(got, expected)
     got.sum().backward()
+
+
+def test_layer_with_dropout_compiles_without_graph_breaks():
+    layer = make_layer()
+    layer.dropout = 0.2
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 12, requires_grad=True)
+    torch.manual_seed(3)
+    expected = layer(x)
+    torch.manual_seed(3)
+    got = compiled(x)
+    assert_rel_close(got, expected)
+    got.sum().backward()
+
+
+def test_base_fusion_only_for_a_plain_linear():
+    tokens = torch.randn(4, 12)
+    assert make_layer()._base_is_fusable(tokens)
+    assert not make_layer(separate_base=True)._base_is_fusable(tokens)
+    hooked = make_layer()
+    hooked.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    assert not hooked._base_is_fusable(tokens)
+    x = torch.randn(3, 12)
+    plain = make_layer()
+    assert_rel_close(hooked(x) - plain(x), plain.base_layer(x))  # the hook ran: its base output counts twice
+    patched = make_layer()
+    patched.base_layer.forward = lambda inp: torch.zeros(inp.shape[0], 10)
+    assert not patched._base_is_fusable(tokens)
+    assert not make_layer()._base_is_fusable(tokens.double())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_base_matches_separate_base_with_trainable_base(dropout, dtype):
+    """The fused input projection against the module call of the same base, including the base weight
+    and bias gradients (a trainable base) and an input that needs no gradient."""
+    grads = {}
+    for fused in (True, False):
+        layer = make_layer(power=0.5, separate_base=not fused).to(dtype)
+        layer.dropout = dropout
+        x = torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(5)).to(dtype)
+        torch.manual_seed(4)
+        out = layer(x)  # x needs no gradient: the first layer of a model
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        base = layer.base_layer
+        grads[fused] = [out.detach(), base.weight.grad, base.bias.grad, layer.lora_A.grad, layer.lora_B.grad,
+                        layer.router.weight.grad]
+    rel = 1e-10 if dtype == torch.float64 else 2e-2
+    for got, want in zip(grads[True], grads[False]):
+        assert_rel_close(got.float(), want.float(), rel=rel)

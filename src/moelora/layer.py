@@ -2,8 +2,10 @@
 
     y = W x + s * sum_i g_i(x) B_i A_i drop(x)            s = alpha / r
 
-computed in the dense stacked form (all experts in two GEMMs, see ``GatedExpertMix``), with the
-backward gate power ``p`` of the paper's engineering strategy applied inside one autograd Function.
+computed in the dense stacked form: one autograd Function for everything that reads ``x`` (the base map
+when it is a plain ``nn.Linear``, the experts' down-projections and the router; ``InputProjection``) and
+one for the gated mix of the experts' outputs (``GatedExpertMix``), which applies the backward gate power
+``p`` of the paper's engineering strategy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dropout import keep_mask, keep_probability
+from .projection import InputProjection
 from .router import expert_load, gate_entropy, init_router_, top_k_gates
 
 # Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
@@ -33,9 +37,10 @@ def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
 class GatedExpertMix(torch.autograd.Function):
     """``out = s * (h * G) @ B_cat^T`` whose backward gives the experts ``G^p`` instead of ``G``.
 
-    Shapes: ``h`` (T, E*r) = expert projections ``A_cat drop(x)``; ``gates`` (T, E); ``B_cat`` (d_out, E*r)
+    Shapes: ``h`` (T, E*r) = expert projections ``A_cat (x * m)`` (dropout's ``1/q`` is in ``s``); ``gates`` (T, E); ``B_cat`` (d_out, E*r)
     with column block ``i`` equal to ``B_i``; ``G`` is each gate repeated over its expert's ``r`` columns.
-    An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``).
+    An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``); with
+    ``base_inplace`` the GEMM accumulates into ``base`` itself (which the caller must own: no other use).
 
     Backward (method.md section 3), with ``d = dL/dout`` (T, d_out):
 
@@ -51,16 +56,21 @@ class GatedExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(h: torch.Tensor, gates: torch.Tensor, b_cat: torch.Tensor, scaling: float, power: float,
-                base: torch.Tensor | None = None):
+                base: torch.Tensor | None = None, base_inplace: bool = False):
         tokens, num_experts = gates.shape
         z = (h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)).view(tokens, -1)
         if base is None:
             return z @ b_cat.t()
+        if base_inplace:
+            base.addmm_(z, b_cat.t())  # no copy of base: saves a pass over (T, d_out)
+            return base
         return torch.addmm(base, z, b_cat.t())  # base + z B^T in one kernel: saves a pass over (T, d_out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         h, gates, b_cat, scaling, power = inputs[:5]
+        if len(inputs) > 6 and inputs[6]:
+            ctx.mark_dirty(inputs[5])
         ctx.save_for_backward(h, gates, b_cat)
         ctx.scaling = scaling
         ctx.power = power
@@ -81,7 +91,7 @@ class GatedExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)
         grad_base = grad_out if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
-        return grad_h, grad_gates, grad_b, None, None, grad_base
+        return grad_h, grad_gates, grad_b, None, None, grad_base, None
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -165,7 +175,9 @@ class MoELoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
         self.router = nn.Linear(self.in_features, num_experts, bias=False, **factory)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)  # on the experts' input only; see moelora.dropout
 
         stat = {"device": device, "dtype": torch.float32}
         self.register_buffer("gate_sq_sum", torch.zeros(num_experts, **stat), persistent=False)
@@ -225,28 +237,38 @@ class MoELoRALinear(nn.Module):
         return gates
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         lead_shape = x.shape[:-1]
-        tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        experts_rows = self.num_experts * self.rank
-        a_cat = self.lora_A.reshape(experts_rows, self.in_features)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            # Router and experts read the same input: one GEMM with [A_cat; R] instead of two (and one
-            # each in the backward pass), which matters at these skinny shapes.
-            projected = tokens @ torch.cat([a_cat, self.router.weight]).t()
-            h, logits = projected.split([experts_rows, self.num_experts], dim=-1)
+        tokens = x.reshape(-1, self.in_features)
+        keep = None
+        scaling = self.scaling
+        if self.training and self.dropout > 0:
+            keep = keep_mask(tokens.shape, self.dropout, tokens.device)
+            scaling = self.scaling / keep_probability(self.dropout, tokens.device)  # drop(x) = x * m / q
+        a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
+        fused = not args and not kwargs and self._base_is_fusable(tokens)
+        if fused:
+            base = self.base_layer
+            result, h, logits = InputProjection.apply(tokens, base.weight, base.bias, a_cat,
+                                                      self.router.weight, keep)
         else:
-            h = self.dropout(tokens) @ a_cat.t()
-            logits = self.router(tokens)  # the router sees the input without dropout
-        gates = self.route(logits)
-        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, experts_rows)
-        gates = gates.to(h.dtype)
+            result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
+            h, logits = InputProjection.apply(tokens.to(self.lora_A.dtype), None, None, a_cat,
+                                              self.router.weight, keep)
+        gates = self.route(logits).to(h.dtype)
+        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
         if result.dtype == h.dtype:
-            out = GatedExpertMix.apply(h, gates, b_cat, self.scaling, self.gate_backward_power,
-                                       result.reshape(-1, self.out_features))
+            # The fused base output is a fresh tensor of ours: the experts' GEMM accumulates into it.
+            out = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power, result, fused)
             return out.view(*lead_shape, self.out_features)
-        delta = GatedExpertMix.apply(h, gates, b_cat, self.scaling, self.gate_backward_power)
-        return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
+        delta = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power)
+        return (result + delta.to(result.dtype)).view(*lead_shape, self.out_features)
+
+    def _base_is_fusable(self, tokens: torch.Tensor) -> bool:
+        """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no
+        subclass, hook or patched ``forward``, which could change what it computes) of the adapter's dtype."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+                and "forward" not in base.__dict__ and tokens.dtype == base.weight.dtype == self.lora_A.dtype)
 
     # ------------------------------------------------------------------------------------ statistics
     def gate_sq_mean(self) -> torch.Tensor:
@@ -260,7 +282,7 @@ class MoELoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-            f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"gate_backward_power={self.gate_backward_power:g}"
         )
 

@@ -1,0 +1,97 @@
+"""The input side of the layer in one autograd Function: everything that reads ``x``.
+
+For tokens ``x`` (T, d_in), an optional frozen base linear map ``W`` (d_out, d_in) with bias ``b``, the
+stacked expert down-projections ``A_cat`` (E*r, d_in), the router ``R`` (E, d_in) and an optional
+dropout keep-mask ``m`` (T, d_in, bool):
+
+    base   = x W^T + b                  (T, d_out)   only when W is given
+    h      = (x * m) A_cat^T            (T, E*r)     x A_cat^T without a mask
+    logits = x R^T                      (T, E)       the router sees x without dropout
+
+The ``1 / q`` dropout rescaling is left to the caller (the layer folds it into its output scale).
+
+Why one Function rather than autograd over the same ops:
+
+- The input gradient is built in one buffer, ``dx = d_base W + (dh A_cat) * m + d_logits R``, by
+  accumulating GEMMs (``addmm_``), instead of autograd summing the separate gradients of the base map,
+  the experts and the router with extra passes over (T, d_in).
+- Without a mask, ``h`` and ``logits`` come out of one GEMM with ``[A_cat; R]``, and so do their
+  gradients (``d[A_cat; R] = [dh, d_logits]^T x`` and its product into ``dx``).
+- Only ``x`` (which the model keeps anyway) and the boolean mask are saved; autograd over
+  ``nn.Dropout`` would keep a float copy of ``x * m`` per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _mask_values(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask as 0/1 values of ``dtype``. Through ``uint8`` because bool -> float conversion and
+    float * bool products take a scalar path on CPU, several times slower than this vectorised cast."""
+    return keep.view(torch.uint8).to(dtype)
+
+
+class InputProjection(torch.autograd.Function):
+    """``(x, W | None, b | None, A_cat, R, m | None) -> (base, h, logits)``, or ``(h, logits)`` when
+    ``W`` is None (the caller computes the base output itself)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, a_cat: torch.Tensor,
+                router: torch.Tensor, keep: torch.Tensor | None):
+        experts_rows = a_cat.shape[0]
+        if keep is None:
+            projected = x @ torch.cat([a_cat, router]).t()
+            h, logits = projected.split([experts_rows, router.shape[0]], dim=-1)
+        else:
+            h = (x * _mask_values(keep, x.dtype)) @ a_cat.t()
+            logits = x @ router.t()
+        if weight is None:
+            return h, logits
+        base = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        return base, h, logits
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, bias, a_cat, router, keep = inputs
+        ctx.save_for_backward(x, weight, a_cat, router, keep)
+        ctx.has_base = weight is not None
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        x, weight, a_cat, router, keep = ctx.saved_tensors
+        grad_base, grad_h, grad_logits = grads if ctx.has_base else (None, *grads)
+        need_x, need_w, need_b, need_a, need_r = ctx.needs_input_grad[:5]
+        experts_rows = a_cat.shape[0]
+        if grad_h is None:
+            grad_h = x.new_zeros(x.shape[0], experts_rows)
+        if grad_logits is None:
+            grad_logits = x.new_zeros(x.shape[0], router.shape[0])
+        grad_x = grad_w = grad_b = grad_a = grad_r = None
+
+        if keep is None:
+            grad_projected = torch.cat([grad_h, grad_logits], dim=-1)  # (T, E*r + E)
+            if need_a or need_r:
+                grad_ar = grad_projected.t() @ x
+                grad_a, grad_r = grad_ar.split([experts_rows, router.shape[0]])
+            if need_x:
+                grad_x = grad_projected @ torch.cat([a_cat, router])
+        else:
+            mask = _mask_values(keep, x.dtype)
+            if need_a:
+                grad_a = grad_h.t() @ (x * mask)
+            if need_r:
+                grad_r = grad_logits.t() @ x
+            if need_x:
+                grad_x = (grad_h @ a_cat).mul_(mask).addmm_(grad_logits, router)
+        if ctx.has_base and grad_base is not None:
+            if need_x:
+                grad_x = grad_x.addmm_(grad_base, weight)
+            if need_w:
+                grad_w = grad_base.t() @ x
+            if need_b:
+                grad_b = grad_base.sum(dim=0)
+        return (grad_x, grad_w, grad_b, grad_a if need_a else None, grad_r if need_r else None, None)
