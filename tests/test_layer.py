@@ -329,3 +329,22 @@ def test_fused_base_matches_separate_base_with_trainable_base(dropout, dtype):
     rel = 1e-10 if dtype == torch.float64 else 2e-2
     for got, want in zip(grads[True], grads[False]):
         assert_rel_close(got.float(), want.float(), rel=rel)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_top_k_gates_match_the_definition_with_gradients(top_k):
+    """Softmax over the kept logits against method.md's softmax, top-k mask and renormalisation."""
+    from moelora.router import top_k_gates
+
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    weight = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    upstream = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    w1, w2 = weight.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    got = top_k_gates(x @ w1.t(), top_k)
+    want = reference_gates(x, w2, top_k)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)  # the gates are float32
+    # (top_k = 1: every gate is exactly 1, so the router gradient is exactly zero in the definition)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    assert top_k == 1 or w2.grad.abs().max() > 1e-3

@@ -26,12 +26,14 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     Returns:
         ``(T, E)`` float32 gates ``g``: non-negative, rows summing to 1, exactly zero for unselected experts.
     """
-    probs = logits.float().softmax(dim=-1)
-    if top_k >= probs.shape[-1]:
-        return probs
-    kept, index = probs.topk(top_k, dim=-1)
-    kept = kept / kept.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter(-1, index, kept)
+    logits = logits.float()
+    if top_k >= logits.shape[-1]:
+        return logits.softmax(dim=-1)
+    # The softmax is monotonic, so the top-k probabilities are those of the top-k logits, and renormalising
+    # them is a softmax over the kept logits alone (the full softmax's denominator cancels): one (T, k)
+    # softmax instead of a (T, E) softmax and a division, in the forward and the backward pass.
+    kept, index = logits.topk(top_k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, index, kept.softmax(dim=-1))
 
 
 def expert_load(gates: torch.Tensor) -> torch.Tensor:
