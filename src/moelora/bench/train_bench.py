@@ -77,7 +77,7 @@ def bench_step(quick: bool) -> dict:
     timing = time_interleaved(
         {"moelora_default": _answer_loss_step(moe, moe_opt, batch),
          "peft_lora_r16_adamw": _answer_loss_step(peft_model, peft_opt, batch)},
-        repeats=4 if quick else 10, warmup=1,
+        repeats=8 if quick else 10, warmup=1,
     )
     return {"batch_tokens": int(batch["n_tokens"]), "timings": timing.as_dict(),
             "cost_vs_peft_lora": timing.ratio("moelora_default", "peft_lora_r16_adamw")}
