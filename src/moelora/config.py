@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROUTER_INITS = ("kaiming", "zeros", "normal")
+EXPERT_COMPUTE = ("auto", "dense", "sparse")
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -39,6 +40,10 @@ class MoELoRAConfig:
         router_init_std: standard deviation for ``router_init="normal"``.
         exclude_modules: module names (same matching rule as a list ``target_modules``) never adapted.
         track_router_stats: keep per-layer expert load and gate entropy of the last forward pass.
+        expert_compute: ``"dense"`` computes every expert on every token (two GEMMs of rank ``E * r``),
+            ``"sparse"`` only the ``top_k`` selected experts per token (grouped GEMMs, float32 on CPU),
+            ``"auto"`` picks sparse where it runs and is cheaper (``E * r >= 64 * top_k``; see
+            ``moelora.sparse``). The function computed is the same.
     """
 
     num_experts: int = 20
@@ -52,6 +57,7 @@ class MoELoRAConfig:
     router_init_std: float = 0.02
     exclude_modules: list[str] = field(default_factory=list)
     track_router_stats: bool = True
+    expert_compute: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int_range("num_experts", self.num_experts, 1)
@@ -66,6 +72,8 @@ class MoELoRAConfig:
                 f"gate_backward_power must be in [0, 1] (1.0 = plain gradient, 0.5 = the paper's "
                 f"engineering strategy), got {self.gate_backward_power!r}"
             )
+        if self.expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {self.expert_compute!r}")
         if self.router_init not in ROUTER_INITS:
             raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if not _is_number(self.router_init_std) or self.router_init_std <= 0:

@@ -52,3 +52,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
                           generator=generator)
     lanes = words.view(torch.int16)[:count].view(shape)  # uniform over [-2**15, 2**15)
     return lanes < _keep_threshold(p) - (1 << (LANE_BITS - 1))
+
+
+def mask_values(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask as 0/1 values of ``dtype``. Through ``uint8`` because bool -> float conversion and
+    float * bool products take a scalar path on CPU, several times slower than this vectorised cast."""
+    return keep.view(torch.uint8).to(dtype)

@@ -18,20 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dropout import keep_mask, keep_probability
+from .config import EXPERT_COMPUTE
+from .dropout import keep_mask, keep_probability, mask_values
 from .projection import InputProjection
-from .router import expert_load, gate_entropy, init_router_, top_k_gates
+from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_supported
+from .router import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
 
 # Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
 # optimizer can find a pair's gate statistics from a plain parameter group.
 LAYER_REF_ATTR = "_moelora_layer"
 
-
-def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
-    """``G^p := where(G > 0, G**p, 0)``: unselected experts stay at zero for every ``p``, including 0."""
-    if power == 1.0:
-        return gates
-    return torch.where(gates > 0, gates.pow(power), torch.zeros_like(gates))
 
 
 class GatedExpertMix(torch.autograd.Function):
@@ -152,6 +148,7 @@ class MoELoRALinear(nn.Module):
         router_init_std: float = 0.02,
         track_router_stats: bool = True,
         dtype: torch.dtype | None = None,
+        expert_compute: str = "auto",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -167,6 +164,9 @@ class MoELoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         self.gate_backward_power = float(gate_backward_power)
         self.track_router_stats = track_router_stats
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {expert_compute!r}")
+        self.expert_compute = expert_compute
 
         weight = getattr(base_layer, "weight", None)
         device = weight.device if weight is not None and weight.device.type != "meta" else None
@@ -225,16 +225,33 @@ class MoELoRALinear(nn.Module):
         Records the gate statistics (training with grad enabled) and the diagnostics as a side effect.
         """
         gates = top_k_gates(logits, self.top_k)
+        self._record_gates(gates.detach())
+        return gates
+
+    def _record_gates(self, gates: torch.Tensor) -> None:
+        """Gate statistics and diagnostics from the detached dense ``(T, E)`` gates of a forward pass."""
         record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
         with torch.no_grad():
-            detached = gates.detach()
             if record:
-                self.gate_sq_sum.add_(detached.square().sum(dim=0))
-                self.gate_token_count.add_(detached.shape[0])
+                self.gate_sq_sum.add_(gates.square().sum(dim=0))
+                self.gate_token_count.add_(gates.shape[0])
             if self.track_router_stats:
-                self.expert_load.copy_(expert_load(detached))
-                self.gate_entropy.copy_(gate_entropy(detached))
-        return gates
+                self.expert_load.copy_(expert_load(gates))
+                self.gate_entropy.copy_(gate_entropy(gates))
+
+    def uses_sparse(self, tokens: torch.Tensor | None = None) -> bool:
+        """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.sparse``)."""
+        if self.expert_compute == "dense":
+            return False
+        device = tokens.device if tokens is not None else self.lora_A.device
+        reason = sparse_supported(self.lora_A.dtype, device, self.rank, self.in_features, self.out_features)
+        if self.expert_compute == "sparse":
+            if reason is not None:
+                raise RuntimeError(f"expert_compute='sparse' cannot run: {reason}; use 'auto' or 'dense'")
+            return True
+        # Under torch.compile "auto" stays dense: the sparse form's data-dependent block sizes break graphs.
+        return (reason is None and sparse_is_cheaper(self.num_experts, self.top_k, self.rank)
+                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lead_shape = x.shape[:-1]
@@ -244,6 +261,8 @@ class MoELoRALinear(nn.Module):
         if self.training and self.dropout > 0:
             keep = keep_mask(tokens.shape, self.dropout, tokens.device)
             scaling = self.scaling / keep_probability(self.dropout, tokens.device)  # drop(x) = x * m / q
+        if self.uses_sparse(tokens):
+            return self._forward_sparse(x, tokens, keep, scaling, args, kwargs)
         a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
         fused = not args and not kwargs and self._base_is_fusable(tokens)
         if fused:
@@ -262,6 +281,20 @@ class MoELoRALinear(nn.Module):
             return out.view(*lead_shape, self.out_features)
         delta = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power)
         return (result + delta.to(result.dtype)).view(*lead_shape, self.out_features)
+
+    def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None, scaling: float,
+                        args: tuple, kwargs: dict) -> torch.Tensor:
+        """The same function as the dense path, computing only the ``T * top_k`` selected pairs."""
+        result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
+        adapter_in = tokens.to(self.lora_A.dtype)
+        logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
+        weights, index = top_k_routing(logits, self.top_k)
+        self._record_gates(torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index, weights.detach()))
+        expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
+        outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
+                                                 self.gate_backward_power)
+        out = result.index_add(0, token_of, outputs.to(result.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _base_is_fusable(self, tokens: torch.Tensor) -> bool:
         """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no
@@ -283,7 +316,7 @@ class MoELoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-            f"gate_backward_power={self.gate_backward_power:g}"
+            f"gate_backward_power={self.gate_backward_power:g}, expert_compute={self.expert_compute!r}"
         )
 
 

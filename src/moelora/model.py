@@ -97,6 +97,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
             router_init=config.router_init,
             router_init_std=config.router_init_std,
             track_router_stats=config.track_router_stats,
+            expert_compute=config.expert_compute,
             dtype=adapter_dtype,
         )
         layer.train(base.training)  # follow the replaced module: an eval-mode model stays in eval mode

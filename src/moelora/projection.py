@@ -27,11 +27,7 @@ from typing import Any
 
 import torch
 
-
-def _mask_values(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The boolean mask as 0/1 values of ``dtype``. Through ``uint8`` because bool -> float conversion and
-    float * bool products take a scalar path on CPU, several times slower than this vectorised cast."""
-    return keep.view(torch.uint8).to(dtype)
+from .dropout import mask_values
 
 
 class InputProjection(torch.autograd.Function):
@@ -46,7 +42,7 @@ class InputProjection(torch.autograd.Function):
             projected = x @ torch.cat([a_cat, router]).t()
             h, logits = projected.split([experts_rows, router.shape[0]], dim=-1)
         else:
-            h = (x * _mask_values(keep, x.dtype)) @ a_cat.t()
+            h = (x * mask_values(keep, x.dtype)) @ a_cat.t()
             logits = x @ router.t()
         if weight is None:
             return h, logits
@@ -80,7 +76,7 @@ class InputProjection(torch.autograd.Function):
             if need_x:
                 grad_x = grad_projected @ torch.cat([a_cat, router])
         else:
-            mask = _mask_values(keep, x.dtype)
+            mask = mask_values(keep, x.dtype)
             if need_a:
                 grad_a = grad_h.t() @ (x * mask)
             if need_r:

@@ -16,24 +16,38 @@ import math
 import torch
 
 
-def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Renormalised top-k softmax gates.
+def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept experts of each token and their renormalised gates.
 
     Args:
         logits: ``(T, E)`` router logits (any float dtype; the softmax runs in float32).
         top_k: number of experts kept per token, ``1 <= top_k <= E``.
 
     Returns:
-        ``(T, E)`` float32 gates ``g``: non-negative, rows summing to 1, exactly zero for unselected experts.
+        ``(weights, index)``, both ``(T, top_k)``: float32 gates summing to 1 per token, and expert ids.
     """
-    logits = logits.float()
-    if top_k >= logits.shape[-1]:
-        return logits.softmax(dim=-1)
     # The softmax is monotonic, so the top-k probabilities are those of the top-k logits, and renormalising
     # them is a softmax over the kept logits alone (the full softmax's denominator cancels): one (T, k)
     # softmax instead of a (T, E) softmax and a division, in the forward and the backward pass.
-    kept, index = logits.topk(top_k, dim=-1)
-    return torch.zeros_like(logits).scatter(-1, index, kept.softmax(dim=-1))
+    kept, index = logits.float().topk(top_k, dim=-1)
+    return kept.softmax(dim=-1), index
+
+
+def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Renormalised top-k softmax gates as a dense ``(T, E)`` float32 tensor: non-negative, rows summing
+    to 1, exactly zero for unselected experts (see ``top_k_routing``)."""
+    logits = logits.float()
+    if top_k >= logits.shape[-1]:
+        return logits.softmax(dim=-1)
+    weights, index = top_k_routing(logits, top_k)
+    return torch.zeros_like(logits).scatter(-1, index, weights)
+
+
+def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
+    """``G^p := where(G > 0, G**p, 0)``: unselected experts stay at zero for every ``p``, including 0."""
+    if power == 1.0:
+        return gates
+    return torch.where(gates > 0, gates.pow(power), torch.zeros_like(gates))
 
 
 def expert_load(gates: torch.Tensor) -> torch.Tensor:
