@@ -126,6 +126,8 @@ class MoELoRALinear(nn.Module):
         lora_B: ``(E, d_out, r)`` expert up-projections, zero at init (the layer starts as ``base_layer``).
         router: ``nn.Linear(d_in, E, bias=False)``.
         scaling: ``alpha / rank``.
+        dropout: dropout probability on the experts' input (``moelora.dropout``); the router reads ``x``.
+        expert_compute: ``"dense"``, ``"sparse"`` (only the selected pairs, ``moelora.sparse``) or ``"auto"``.
         gate_sq_sum: ``(E,)`` float32 running ``sum_t g_it^2`` over training forwards since the last reset.
         gate_token_count: ``()`` float32 number of tokens in that sum.
         expert_load / gate_entropy: router diagnostics of the last forward pass (see ``moelora.router``).
