@@ -69,6 +69,32 @@ def test_left_padded_batch_scores_like_one_by_one(tok, model):
         assert b == pytest.approx(s, abs=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_shared_prompt_scoring_matches_one_row_per_option(tok, model, batch_size):
+    """Each prompt run once, options continued from its cache, against full (prompt + option) rows; and
+    the prompt tokens of a multi-token example go through the model once instead of once per option."""
+    shared = score_options(model, tok, MIXED, batch_size=batch_size)
+    rows = score_options(model, tok, MIXED, batch_size=batch_size, share_prompts=False)
+    for a, b in zip(shared, rows):
+        assert a == pytest.approx(b, abs=1e-5)
+    seen = []  # token positions (padding included) that go through the model
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    example = MIXED[3]  # three multi-token options
+    try:
+        score_options(model, tok, [example], batch_size=16)
+        shared_tokens = sum(seen)
+        seen.clear()
+        score_options(model, tok, [example], batch_size=16, share_prompts=False)
+        row_tokens = sum(seen)
+    finally:
+        hook.remove()
+    collator = CausalLMCollator(tok, None, padding_side="left")
+    prompt_ids = collator.tokenize([example.prompt])[0]
+    prefix, _ = collator.join(prompt_ids, collator.tokenize([example.options[0]])[0])
+    # rows: 3 x (prompt + longest option); shared: 1 x prompt + 3 x longest option
+    assert row_tokens - shared_tokens == 2 * len(prefix)
+
+
 def test_evaluate_loglik_restores_training_mode(tok, model):
     task = TaskData("toy", "multiple_choice", MIXED, MIXED, MIXED)
     model.train()

@@ -10,9 +10,15 @@ How it is made fast:
 
 - When every option of an example is a single token (e.g. ``" positive"`` / ``" negative"``), the prompt
   is run once and all options are read from the next-token distribution at its last position.
-- Otherwise each (prompt, option) pair is a row. Rows are sorted by length and batched with dynamic left
-  padding, so the option tokens of a batch end at the same column; the LM head is applied only to the
-  last ``longest option + 1`` positions (``logits_to_keep``) instead of the whole sequence.
+- Otherwise the prompt is run once per example (left-padded batches, keeping its key/value cache and
+  the next-token distribution at its last position), and every option continues from that cache in
+  one more forward pass (options right-padded, the cache repeated per option): the prompt's tokens go
+  through the model once instead of once per option (``share_prompts=True``, the default, for models
+  that accept ``past_key_values``).
+- The reference path (``share_prompts=False``) runs each (prompt, option) pair as a row. Rows are
+  sorted by length and batched with dynamic left padding, so the option tokens of a batch end at the
+  same column; the LM head is applied only to the last ``longest option + 1`` positions
+  (``logits_to_keep``) instead of the whole sequence.
 
 ``position_ids`` count real tokens only, so a left-padded row scores exactly as it would alone.
 """
@@ -97,6 +103,7 @@ def score_options(
     max_length: int | None = None,
     progress: bool = False,
     desc: str | None = None,
+    share_prompts: bool = True,
 ) -> list[list[float]]:
     """Log-likelihood score of every option of every example (see the module docstring).
 
@@ -106,6 +113,8 @@ def score_options(
         batch_size: rows (prompt + option sequences) per forward pass.
         normalize: ``"mean"`` (per option token, the default) or ``"sum"``.
         max_length: truncate prompts from the left so that prompt + option fits.
+        share_prompts: run each prompt once and continue every option from its cache (see the module
+            docstring); ``False`` runs one full row per option (the reference).
 
     Returns:
         ``scores[i][j]``: the score of option ``j`` of example ``i``.
@@ -121,6 +130,13 @@ def score_options(
     scores = [[float("nan")] * len(e.options) for e in examples]
     accepted = _forward_kwargs(model)
     device = next(model.parameters()).device
+    if share_prompts and "past_key_values" in accepted:
+        continuations = [r for r in rows if r.num_scored > 0]
+        rows = [r for r in rows if r.num_scored == 0]
+        with torch.no_grad():
+            for row, total in _score_from_shared_prompts(model, continuations, batch_size, collator.pad_id,
+                                                          accepted, device, progress, desc):
+                scores[row.example][row.option] = total / row.num_scored if normalize == "mean" else total
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc=desc or "scoring", disable=not progress, leave=False):
             chunk = rows[start : start + batch_size]
@@ -141,3 +157,62 @@ def score_options(
                 total = float(picked.sum())
                 scores[row.example][row.option] = total / n if normalize == "mean" else total
     return scores
+
+
+def _prompt_groups(rows: list[_Row], batch_size: int) -> list[list[tuple[list[int], list[_Row]]]]:
+    """Continuation rows grouped by (example, prompt), longest prompt first, in batches of at most
+    ``batch_size`` option rows (a group larger than that is a batch of its own)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[_Row]] = {}
+    for row in rows:
+        groups.setdefault((row.example, tuple(row.ids[: -row.num_scored])), []).append(row)
+    ordered = sorted(groups.items(), key=lambda item: -len(item[0][1]))
+    batches: list[list[tuple[list[int], list[_Row]]]] = []
+    size = 0
+    for (_, prompt), members in ordered:
+        if not batches or size + len(members) > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append((list(prompt), members))
+        size += len(members)
+    return batches
+
+
+def _score_from_shared_prompts(model: nn.Module, rows: list[_Row], batch_size: int, pad_id: int,
+                               accepted: set[str], device: torch.device, progress: bool, desc: str | None):
+    """Yield ``(row, summed log-probability of its option)`` for continuation rows, each prompt run once.
+
+    Per batch: the left-padded prompts ``(G, Lp)`` give the cache and the log-probabilities of every
+    option's first token; the options, right-padded ``(R, Lo)``, run on the cache repeated per option with
+    positions continuing each prompt, and give the log-probabilities of their later tokens.
+    """
+    batches = _prompt_groups(rows, batch_size)
+    for batch in tqdm(batches, desc=desc or "scoring", disable=not progress, leave=False):
+        prompts = pad_batch([prompt for prompt, _ in batch], pad_id, padding_side="left")
+        prompts = {k: v.to(device) for k, v in prompts.items()}
+        inputs = {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"], "use_cache": True}
+        if "position_ids" in accepted:
+            inputs["position_ids"] = prompts["position_ids"]
+        if "logits_to_keep" in accepted:
+            inputs["logits_to_keep"] = 1
+        out = model(**inputs)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (G, V): each option's first token
+        members = [row for _, rows_of_prompt in batch for row in rows_of_prompt]
+        owner = torch.tensor([g for g, (_, rows_of_prompt) in enumerate(batch) for _ in rows_of_prompt],
+                             device=device)
+        cache = out.past_key_values
+        cache.batch_select_indices(owner)  # one copy of its prompt's cache per option row
+        answers = pad_batch([row.ids[-row.num_scored:] for row in members], pad_id, padding_side="right")
+        answer_ids = answers["input_ids"].to(device)
+        answer_mask = answers["attention_mask"].to(device)
+        prompt_lengths = prompts["attention_mask"].sum(dim=1)[owner]
+        width = answer_ids.shape[1]
+        cont = {"input_ids": answer_ids,
+                "attention_mask": torch.cat([prompts["attention_mask"][owner], answer_mask], dim=1),
+                "past_key_values": cache, "use_cache": True}
+        if "position_ids" in accepted:
+            cont["position_ids"] = prompt_lengths[:, None] + torch.arange(width, device=device)
+        later = torch.log_softmax(model(**cont).logits.float(), dim=-1)  # (R, Lo, V): token j+1 at j
+        first_picked = first[owner].gather(-1, answer_ids[:, :1]).squeeze(-1)  # (R,)
+        later_picked = later[:, :-1].gather(-1, answer_ids[:, 1:, None]).squeeze(-1) * answer_mask[:, 1:]
+        totals = (first_picked + later_picked.sum(dim=-1)).tolist()
+        yield from zip(members, totals)
