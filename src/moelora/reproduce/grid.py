@@ -182,13 +182,17 @@ class Grid:
         return [(opt, m) for opt in OPTIMIZER_PRIORITY if opt in rows for m in PRIORITY if m in rows[opt]]
 
     def work_order(self) -> list[tuple[str, tuple[str, str]]]:
-        """Every (task, (optimizer, method)) of the grid in the order the runner starts them: first the
-        paper's comparison (the MoE-LoRA rows under AdamW) on every task, then the other rows, task by task.
-        A sitting that ends early thus leaves whole cells of the rows the issue keeps on the slow tasks."""
-        first = [(task, pair) for task in self.tasks for pair in self.pairs(task)
-                 if pair[0] == "adamw" and pair[1] in MOE_ROWS]
-        rest = [(task, pair) for task in self.tasks for pair in self.pairs(task) if (task, pair) not in first]
-        return first + rest
+        """Every (task, (optimizer, method)) of the grid in the order the runner starts them: the paper's
+        comparison (its baseline and its method under AdamW) on every task, then the other MoE-LoRA rows
+        the issue keeps on the slow tasks (AdamW), then every other row, task by task. A sitting that ends
+        early thus leaves whole cells of the most important rows."""
+        tiers = (("riem", "riem_p05"), MOE_ROWS)
+        order: list[tuple[str, tuple[str, str]]] = []
+        for rows in tiers:
+            order += [(task, pair) for task in self.tasks for pair in self.pairs(task)
+                      if pair[0] == "adamw" and pair[1] in rows and (task, pair) not in order]
+        order += [(task, pair) for task in self.tasks for pair in self.pairs(task) if (task, pair) not in order]
+        return order
 
     def sweep_cells(self, task: str, pair: tuple[str, str] | None = None) -> list[Cell]:
         spec = self.tasks[task]
