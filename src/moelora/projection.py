@@ -54,7 +54,6 @@ class InputProjection(torch.autograd.Function):
         x, weight, bias, a_cat, router, keep = inputs
         ctx.save_for_backward(x, weight, a_cat, router, keep)
         ctx.has_base = weight is not None
-        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
