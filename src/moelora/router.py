@@ -44,10 +44,16 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
-    """``G^p := where(G > 0, G**p, 0)``: unselected experts stay at zero for every ``p``, including 0."""
+    """``G^p := where(G > 0, G**p, 0)``: unselected experts stay at zero for every ``p``, including 0.
+
+    Gates are never negative, and ``0**p = 0`` for ``p > 0``, so only ``p = 0`` (where ``0**0 = 1``) needs
+    the mask.
+    """
     if power == 1.0:
         return gates
-    return torch.where(gates > 0, gates.pow(power), torch.zeros_like(gates))
+    if power == 0.0:
+        return (gates > 0).to(gates.dtype)
+    return gates.pow(power)
 
 
 def expert_load(gates: torch.Tensor) -> torch.Tensor:
