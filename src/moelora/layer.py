@@ -21,20 +21,20 @@ from torch import nn
 from .config import EXPERT_COMPUTE
 from .dropout import keep_mask, keep_probability, mask_values
 from .projection import InputProjection
-from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_supported
 from .router import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
+from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_supported
 
 # Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
 # optimizer can find a pair's gate statistics from a plain parameter group.
 LAYER_REF_ATTR = "_moelora_layer"
 
 
-
 class GatedExpertMix(torch.autograd.Function):
     """``out = s * (h * G) @ B_cat^T`` whose backward gives the experts ``G^p`` instead of ``G``.
 
-    Shapes: ``h`` (T, E*r) = expert projections ``A_cat (x * m)`` (dropout's ``1/q`` is in ``s``); ``gates`` (T, E); ``B_cat`` (d_out, E*r)
-    with column block ``i`` equal to ``B_i``; ``G`` is each gate repeated over its expert's ``r`` columns.
+    Shapes: ``h`` (T, E*r) = expert projections ``A_cat (x * m)`` (dropout's ``1/q`` is in ``s``);
+    ``gates`` (T, E); ``B_cat`` (d_out, E*r) with column block ``i`` equal to ``B_i``; ``G`` is each gate
+    repeated over its expert's ``r`` columns.
     An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``); with
     ``base_inplace`` the GEMM accumulates into ``base`` itself (which the caller must own: no other use).
 
