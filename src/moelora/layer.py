@@ -245,15 +245,16 @@ class MoELoRALinear(nn.Module):
         """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.sparse``)."""
         if self.expert_compute == "dense":
             return False
+        # Under torch.compile "auto" stays dense: the sparse form's data-dependent block sizes break graphs.
+        # The integer rule goes first, so the usual dense layer does no more work per forward pass.
+        if self.expert_compute == "auto" and (not sparse_is_cheaper(self.num_experts, self.top_k, self.rank)
+                                              or torch.compiler.is_compiling()):
+            return False
         device = tokens.device if tokens is not None else self.lora_A.device
         reason = sparse_supported(self.lora_A.dtype, device, self.rank, self.in_features, self.out_features)
-        if self.expert_compute == "sparse":
-            if reason is not None:
-                raise RuntimeError(f"expert_compute='sparse' cannot run: {reason}; use 'auto' or 'dense'")
-            return True
-        # Under torch.compile "auto" stays dense: the sparse form's data-dependent block sizes break graphs.
-        return (reason is None and sparse_is_cheaper(self.num_experts, self.top_k, self.rank)
-                and not torch.compiler.is_compiling())
+        if self.expert_compute == "sparse" and reason is not None:
+            raise RuntimeError(f"expert_compute='sparse' cannot run: {reason}; use 'auto' or 'dense'")
+        return reason is None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lead_shape = x.shape[:-1]

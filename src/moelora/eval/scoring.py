@@ -61,11 +61,17 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
         return set()
 
 
-def _last_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: int, accepted: set[str]) -> torch.Tensor:
-    """Log-probabilities ``(B, keep, V)`` (float32) at the last ``keep`` positions."""
+def _model_inputs(batch: dict[str, torch.Tensor], accepted: set[str]) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and, when the model takes them, ``position_ids`` of a padded batch."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in accepted:
         inputs["position_ids"] = batch["position_ids"]
+    return inputs
+
+
+def _last_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: int, accepted: set[str]) -> torch.Tensor:
+    """Log-probabilities ``(B, keep, V)`` (float32) at the last ``keep`` positions."""
+    inputs = _model_inputs(batch, accepted)
     if "use_cache" in accepted:
         inputs["use_cache"] = False
     if "logits_to_keep" in accepted:
@@ -189,9 +195,7 @@ def _score_from_shared_prompts(model: nn.Module, rows: list[_Row], batch_size: i
     for batch in tqdm(batches, desc=desc or "scoring", disable=not progress, leave=False):
         prompts = pad_batch([prompt for prompt, _ in batch], pad_id, padding_side="left")
         prompts = {k: v.to(device) for k, v in prompts.items()}
-        inputs = {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"], "use_cache": True}
-        if "position_ids" in accepted:
-            inputs["position_ids"] = prompts["position_ids"]
+        inputs = {**_model_inputs(prompts, accepted), "use_cache": True}
         if "logits_to_keep" in accepted:
             inputs["logits_to_keep"] = 1
         out = model(**inputs)

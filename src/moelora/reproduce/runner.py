@@ -370,7 +370,7 @@ class GridRunner:
                         break
                     kind, payload, folder = job
                     started.add(folder)
-                    logger.info("run %s", _job_name(kind, payload, folder))
+                    logger.info("run %s", _job_name(kind, payload))
                     pool.submit(kind, payload, folder)
                 if not pool.busy():
                     break
@@ -432,7 +432,7 @@ def _run_job(kind: str, payload: Any, folder: str) -> dict[str, Any]:
     return run_cell(spec, cell, Path(folder))
 
 
-def _job_name(kind: str, payload: Any, folder: Path) -> str:
+def _job_name(kind: str, payload: Any) -> str:
     return f"zero-shot {payload.key}" if kind == "zero-shot" else payload[1].name
 
 
