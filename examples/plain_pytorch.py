@@ -17,9 +17,9 @@ import random
 import torch
 
 import moelora
-from moelora.data import CausalLMCollator, Example, answer_loss, load_task
+from moelora.finetune.data import CausalLMCollator, Example, answer_loss, load_task
 from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
-from moelora.train.models import load_model_and_tokenizer
+from moelora.finetune.base_models import load_model_and_tokenizer
 
 
 def load_base(model_path: str | None, seed: int = 0):
@@ -110,7 +110,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", dest="model_path",
                         help="local Hugging Face model folder (default: a tiny random Llama)")
-    parser.add_argument("--task", help="a moelora.data task name, e.g. scienceqa (default: tiny in-memory data)")
+    parser.add_argument("--task", help="a moelora.finetune.data task name, e.g. scienceqa (default: tiny in-memory data)")
     parser.add_argument("--data-dir", help="folder of the task's files")
     parser.add_argument("--out-dir", default="runs/examples/plain_pytorch")
     parser.add_argument("--steps", type=int, default=30)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moelora import MoELoRAConfig
-from moelora.data import available_tasks
-from moelora.train.config import load_config
+from moelora.finetune.data import available_tasks
+from moelora.finetune.run_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -151,7 +151,7 @@ def test_llava_targets_the_language_model_attention_only():
 def test_paper_config_runs_with_tiny_stand_ins(name, data, tmp_path):
     """The paper's settings (optimizer switches, schedule, generation eval) run end to end when the model,
     the data and the sizes are replaced by tiny ones."""
-    from moelora.train.loop import Trainer
+    from moelora.finetune.trainer import Trainer
 
     overrides = [f"output_dir={tmp_path / 'run'}", "model.name=random-llama", "model.dtype=float32",
                  f"data.path={FIXTURES / data}", "data.max_eval=2", "train.steps=2", "train.batch_size=2",

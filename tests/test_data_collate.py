@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fixtures.data.tiny_lm import tiny_llama, tiny_tokenizer
-from moelora.data import CausalLMCollator, EncoderCollator, Example, LengthGroupedBatchSampler, answer_loss
-from moelora.data.collate import IGNORE_INDEX, answer_logits_to_keep, answer_positions
+from moelora.finetune.data import CausalLMCollator, EncoderCollator, Example, LengthGroupedBatchSampler, answer_loss
+from moelora.finetune.data.collate import IGNORE_INDEX, answer_logits_to_keep, answer_positions
 
 EXAMPLES = [
     Example("Review: a warm and funny film.\nIs this review positive or negative? Answer:", (" positive", " negative"), 0, "x"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moelora.data import (
+from moelora.finetune.data import (
     DataError,
     DataFileNotFoundError,
     EmptySplitError,
@@ -24,10 +24,10 @@ from moelora.data import (
     available_tasks,
     load_task,
 )
-from moelora.data import bigbench
-from moelora.data.io import read_delimited
-from moelora.data.prompts import mc_prompt, split_context_question
-from moelora.data.splits import hash_order
+from moelora.finetune.data import bigbench
+from moelora.finetune.data.io import read_delimited
+from moelora.finetune.data.prompts import mc_prompt, split_context_question
+from moelora.finetune.data.splits import hash_order
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moelora.data import CausalLMCollator, load_task
-from moelora.data.bigbench import ARCHIVE_NAME
-from moelora.data.cache import default_cache_dir
-from moelora.data.collate import IGNORE_INDEX
+from moelora.finetune.data import CausalLMCollator, load_task
+from moelora.finetune.data.bigbench import ARCHIVE_NAME
+from moelora.finetune.data.cache import default_cache_dir
+from moelora.finetune.data.collate import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow
 

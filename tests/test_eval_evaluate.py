@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fixtures.data.tiny_lm import tiny_llama, tiny_tokenizer
-from moelora.data import CausalLMCollator, Example, TaskData, answer_loss, load_task
-from moelora.eval import (
+from moelora.finetune.data import CausalLMCollator, Example, TaskData, answer_loss, load_task
+from moelora.finetune.eval import (
     evaluate,
     extract_answer,
     extract_letter,
@@ -212,7 +212,7 @@ def test_evaluate_classifier_and_regression():
     task = TaskData("toy", "classification", examples, examples, examples, metric="mcc", label_names=("no", "yes"))
     result = evaluate(model, tok, task, batch_size=3)
     assert result.method == "classifier"
-    from moelora.data import EncoderCollator
+    from moelora.finetune.data import EncoderCollator
 
     batch = EncoderCollator(tok)(examples)
     batch.pop("labels")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moelora.eval import (
+from moelora.finetune.eval import (
     accuracy,
     bootstrap_interval,
     f1_score,

@@ -6,8 +6,8 @@ from torch import nn
 
 import moelora
 from moelora import MoELoRALinear
-from moelora.dropout import keep_mask, keep_probability
-from moelora.layer import layer_of
+from moelora.layers.dropout import keep_mask, keep_probability
+from moelora.layers.linear import layer_of
 
 from reference import reference_forward, reference_gates
 
@@ -334,7 +334,7 @@ def test_fused_base_matches_separate_base_with_trainable_base(dropout, dtype):
 @pytest.mark.parametrize("top_k", [1, 3, 5])
 def test_top_k_gates_match_the_definition_with_gradients(top_k):
     """Softmax over the kept logits against method.md's softmax, top-k mask and renormalisation."""
-    from moelora.router import top_k_gates
+    from moelora.layers.routing import top_k_gates
 
     x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     weight = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))

@@ -90,7 +90,7 @@ def test_cell_overrides_single_lora_has_the_same_size_and_scale():
 
 
 def test_overrides_load_as_a_valid_run_config():
-    from moelora.train.config import load_config
+    from moelora.finetune.run_config import load_config
 
     spec = full_tasks()["rt-minilm"]
     values = cell_overrides(spec, Cell("rt-minilm", "sgd", "lora", 0, MAIN, 0.3))
@@ -278,7 +278,7 @@ def test_cli_parser_and_report_only(tmp_path, capsys):
 
 
 def test_real_model_path_on_a_tiny_random_llama(tmp_path, monkeypatch):
-    """Sweep, main runs, zero-shot and the paired comparisons through ``moelora.train.Trainer``."""
+    """Sweep, main runs, zero-shot and the paired comparisons through ``moelora.finetune.Trainer``."""
     from pathlib import Path
 
     data = Path(__file__).resolve().parents[1] / "configs" / "data" / "smoke_sentiment.jsonl"

@@ -8,7 +8,7 @@ from torch import nn
 
 import moelora
 from moelora import MoELoRALinear
-from moelora.sparse import sort_pairs, sparse_is_cheaper
+from moelora.layers.sparse import sort_pairs, sparse_is_cheaper
 
 from reference import reference_forward
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelora.cli import main
-from moelora.train.config import load_config
-from moelora.train.loop import Trainer, TrainingError
+from moelora.finetune.cli import main
+from moelora.finetune.run_config import load_config
+from moelora.finetune.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -79,7 +79,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
               "train.save_every=4"]
     Trainer(smoke(tmp_path, *common, name="full"), progress=False).run()
 
-    from moelora.train import batching
+    from moelora.finetune import batching
 
     original = batching.StepBatches.micro_batches
 
@@ -114,7 +114,7 @@ def test_existing_run_needs_resume_and_the_same_model(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from moelora.train import loss as loss_module
+    from moelora.finetune import loss as loss_module
 
     original = loss_module.CausalLMAnswerLoss.forward
     calls = {"n": 0}
@@ -131,7 +131,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     run = tmp_path / "run"
     assert not (run / "summary.json").exists()
     import moelora
-    from moelora.train.models import load_model_and_tokenizer
+    from moelora.finetune.base_models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer("random-llama", random_config=config.model.random_config)
     moelora.load_adapter(model, run / "checkpoints" / "step-000003" / "adapter")  # still loadable
@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 ])
 def test_cli_config_errors_exit_2_without_traceback(tmp_path, args, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "moelora.cli", "train", str(SMOKE), "--set", f"output_dir={tmp_path}/x", *args],
+        [sys.executable, "-m", "moelora.finetune.cli", "train", str(SMOKE), "--set", f"output_dir={tmp_path}/x", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 2
@@ -168,7 +168,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "moelora.cli", "train", str(SMOKE), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}",
+         "-m", "moelora.finetune.cli", "train", str(SMOKE), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}",
          *sum((["--set", o] for o in overrides), [])],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
     )

@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moelora.atomic import atomic_dir
-from moelora.train import checkpoint as ckpt
-from moelora.train.batching import StepBatches
-from moelora.train.config import ConfigError, RunConfig, dump_config, load_config
-from moelora.train.loss import CausalLMAnswerLoss
-from moelora.train.schedule import linear_warmup_decay
+from moelora.finetune import checkpoint as ckpt
+from moelora.finetune.batching import StepBatches
+from moelora.finetune.run_config import ConfigError, RunConfig, dump_config, load_config
+from moelora.finetune.loss import CausalLMAnswerLoss
+from moelora.finetune.schedule import linear_warmup_decay
 
 
 def test_defaults_are_the_papers_method():

@@ -86,7 +86,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 def config(model: str, optimizer: str, variant: str) -> dict:
-    """The run configuration of one paper run, as the mapping ``moelora.train.load_config`` reads."""
+    """The run configuration of one paper run, as the mapping ``moelora.finetune.run_config.load_config`` reads."""
     m, v = MODELS[model], VARIANTS[variant]
     optim = {
         "name": optimizer,

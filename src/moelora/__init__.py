@@ -1,28 +1,31 @@
-"""moelora: mixture of LoRA experts trained with per-expert and gate-rescaled Riemannian preconditioners."""
+"""moelora: mixture of LoRA experts trained with per-expert and gate-rescaled Riemannian preconditioners.
 
+The core (this package without ``finetune``, ``bench`` and ``reproduce``) needs only torch and
+safetensors:
+
+    import moelora
+    model = moelora.wrap(model, moelora.MoELoRAConfig(num_experts=20, top_k=10, rank=4))
+    moelora.save_adapter(model, "out/")
+"""
+
+from .adapter import adapter_state_dict, load_adapter, load_adapter_weights, read_adapter_config, save_adapter
 from .config import MoELoRAConfig
-from .layer import GatedExpertMix, MoELoRALinear
-from .model import (
-    adapter_state_dict,
-    load_adapter,
-    moelora_layers,
-    print_trainable_parameters,
-    read_adapter_config,
-    save_adapter,
-    summary,
-    unwrap,
-    wrap,
-)
 from .diagnostics import router_stats
+from .errors import AdapterError, ConfigError, MoELoRAError
+from .inject import moelora_layers, print_trainable_parameters, summary, unwrap, wrap
+from .layers import MoELoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GatedExpertMix",
+    "AdapterError",
+    "ConfigError",
     "MoELoRAConfig",
+    "MoELoRAError",
     "MoELoRALinear",
     "adapter_state_dict",
     "load_adapter",
+    "load_adapter_weights",
     "moelora_layers",
     "print_trainable_parameters",
     "read_adapter_config",

@@ -43,7 +43,7 @@ class MoELoRAConfig:
         expert_compute: ``"dense"`` computes every expert on every token (two GEMMs of rank ``E * r``),
             ``"sparse"`` only the ``top_k`` selected experts per token (grouped GEMMs, float32 on CPU),
             ``"auto"`` picks sparse where it runs and is cheaper (``E * r >= 64 * top_k``; see
-            ``moelora.sparse``). The function computed is the same.
+            ``moelora.layers.sparse``). The function computed is the same.
     """
 
     num_experts: int = 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .model import moelora_layers
+from .inject import moelora_layers
 
 
 def router_stats(model: nn.Module) -> dict[str, dict[str, object]]:

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from ..layer import MoELoRALinear
-from ..router import top_k_gates
+from ..layers.linear import MoELoRALinear
+from ..layers.routing import top_k_gates
 from .timing import time_interleaved
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import MoELoRAConfig
-from ..model import moelora_layers, wrap
+from ..inject import moelora_layers, wrap
 from ..optim import RiemannianAdamW
 from .timing import time_interleaved
 

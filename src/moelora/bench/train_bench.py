@@ -31,9 +31,9 @@ def _setup(candidate: str, seed: int = 0):
     """``(model, optimizer, runtime)`` for ``candidate`` in {"moelora", "peft_lora"}."""
     import moelora
     from moelora.optim import RiemannianAdamW, param_groups
-    from moelora.train.config import load_config
-    from moelora.train.models import load_model_and_tokenizer
-    from moelora.train.tasks import TaskRuntime
+    from moelora.finetune.run_config import load_config
+    from moelora.finetune.base_models import load_model_and_tokenizer
+    from moelora.finetune.tasks import TaskRuntime
 
     torch.manual_seed(seed)
     config = load_config(None, ["data.max_train=512", "data.max_eval=8"])
@@ -56,7 +56,7 @@ def _setup(candidate: str, seed: int = 0):
 
 
 def _answer_loss_step(model, optimizer, batch):
-    from moelora.train.loss import CausalLMAnswerLoss
+    from moelora.finetune.loss import CausalLMAnswerLoss
 
     loss_module = CausalLMAnswerLoss(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
@@ -85,7 +85,7 @@ def bench_step(quick: bool) -> dict:
 
 def bench_throughput(quick: bool) -> dict:
     """Tokens/s over the same training examples: our loop's batching and loss vs the plain loop."""
-    from moelora.train.batching import StepBatches
+    from moelora.finetune.batching import StepBatches
 
     steps = 4 if quick else 12
     moe, moe_opt, runtime = _setup("moelora")
@@ -97,7 +97,7 @@ def bench_throughput(quick: bool) -> dict:
     g = torch.Generator().manual_seed(2)
     shuffled = [used[i] for i in torch.randperm(len(used), generator=g).tolist()]
     plain_batches = [runtime.collate_train(shuffled[s * BATCH : (s + 1) * BATCH]) for s in range(steps)]
-    from moelora.train.loss import CausalLMAnswerLoss
+    from moelora.finetune.loss import CausalLMAnswerLoss
 
     loss_module = CausalLMAnswerLoss(moe)
 
@@ -145,7 +145,7 @@ def step_memory(candidate: str) -> dict[str, int]:
     """
     model, optimizer, runtime = _setup(candidate)
     batch = runtime.collate_train(list(range(BATCH)))
-    from moelora.train.loss import CausalLMAnswerLoss
+    from moelora.finetune.loss import CausalLMAnswerLoss
 
     loss_module = CausalLMAnswerLoss(model.get_base_model() if hasattr(model, "get_base_model") else model)
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}

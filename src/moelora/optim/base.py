@@ -12,7 +12,7 @@ One ``step()``:
 
 ``.grad`` is never modified. Parameters whose ``.grad`` is ``None`` are skipped; a zero gradient (an
 expert no token was routed to) is a gradient like any other. Runtime references to layers are rebuilt at
-every step from the parameters themselves (``moelora.layer.layer_of``), so parameter groups stay plain
+every step from the parameters themselves (``moelora.layers.linear.layer_of``), so parameter groups stay plain
 dictionaries and ``state_dict`` / ``load_state_dict`` are torch's own.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ..layer import MoELoRALinear, layer_of
+from ..layers.linear import MoELoRALinear, layer_of
 from .groups import GROUP_KINDS, SIDE_A, SIDE_B, ExpertFactor, expert_factor
 from .precondition import GATE_RESCALED, NONE, PRECONDITIONERS, gate_sq_means, precondition
 

@@ -3,7 +3,7 @@
 ``param_groups(model, lr, ...)`` returns plain dictionaries (serialisable with the optimizer's
 ``state_dict``): one group of expert factors (every layer's ``lora_A`` and ``lora_B``), one of routers,
 one of any other trainable parameter. The expert pairs are never inferred from names or order: at each
-step the optimizer asks every parameter which layer owns it (``moelora.layer.layer_of``, a weak reference
+step the optimizer asks every parameter which layer owns it (``moelora.layers.linear.layer_of``, a weak reference
 that ``MoELoRALinear`` attaches to its parameters) and whether it is that layer's ``A`` or ``B``.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..layer import MoELoRALinear, layer_of
-from ..model import moelora_layers
+from ..layers.linear import MoELoRALinear, layer_of
+from ..inject import moelora_layers
 
 # Values of a group's "kind" key. Preconditioning only ever touches expert factors; routers and other
 # parameters always get the plain update of the base optimizer.
@@ -45,7 +45,7 @@ class ExpertFactor(NamedTuple):
 def expert_factor(param: torch.Tensor, layer: MoELoRALinear | None) -> ExpertFactor | None:
     """The ``ExpertFactor`` of ``param`` if it is ``layer``'s ``lora_A`` or ``lora_B``, else ``None``.
 
-    ``layer`` is ``moelora.layer.layer_of(param)`` (passed in because callers need it anyway).
+    ``layer`` is ``moelora.layers.linear.layer_of(param)`` (passed in because callers need it anyway).
     """
     if layer is None:
         return None

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ..layer import MoELoRALinear
+from ..layers.linear import MoELoRALinear
 from .groups import SIDE_A, ExpertFactor
 
 NONE = "none"

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ..layer import layer_of
+from ..layers.linear import layer_of
 from .groups import SIDE_A, expert_factor
 
 

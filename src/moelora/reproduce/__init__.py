@@ -9,7 +9,13 @@ Modules (one concept each):
 - ``aggregate``: mean ± std over seeds, curves, paired comparisons;
 - ``plots``: convergence figures; ``report``: ``docs/results.md``;
 - ``cli``: ``add_parser(subparsers)`` and ``run_from_args(args)`` for ``moelora reproduce``.
+
+Needs the ``train`` extra (``pip install 'moelora[train]'``).
 """
+
+from ..extras import require_extra
+
+require_extra("train", "moelora.reproduce (moelora reproduce)")
 
 from .cli import add_parser, run_from_args
 from .grid import METHODS, Cell, Grid, build_grid

@@ -208,7 +208,7 @@ def _correct(folder: Path) -> np.ndarray | None:
 
 
 def _bootstrap(folders_a: list[Path], folders_b: list[Path]) -> tuple[float, float, float] | None:
-    from ..eval import paired_bootstrap_difference
+    from ..finetune.eval import paired_bootstrap_difference
 
     a = [_correct(f) for f in folders_a]
     b = [_correct(f) for f in folders_b]
@@ -222,7 +222,7 @@ def versus_zero_shot(results: TaskResults, optimizer: str, method: str) -> tuple
     """Seed-averaged fine-tuned correctness minus zero-shot, paired bootstrap over examples (points)."""
     if results.zero_shot is None:
         return None
-    from ..eval import paired_bootstrap_difference
+    from ..finetune.eval import paired_bootstrap_difference
     from .runner import zero_shot_dir
 
     zero = _correct(zero_shot_dir(_cache_of(results), results.spec))

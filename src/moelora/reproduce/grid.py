@@ -61,7 +61,7 @@ class TaskSpec:
     """One task of the grid, with its model, budget and learning-rate candidates.
 
     ``kind`` is ``"synthetic"`` (the teacher-student regression, ``moelora.reproduce.synthetic``) or
-    ``"train"`` (a real model through ``moelora.train.Trainer``). ``overrides`` are ``--set``-style
+    ``"train"`` (a real model through ``moelora.finetune.Trainer``). ``overrides`` are ``--set``-style
     ``RunConfig`` values shared by every run of the task; ``rows`` maps an optimizer to the methods run
     under it; ``lrs`` maps an optimizer to the sweep candidates. ``eval_steps`` lists when the held-out
     curve is measured (on ``curve_examples`` validation examples); the final held-out number is on the

@@ -100,7 +100,7 @@ def _divergence_errors() -> tuple[type, ...]:
     """Non-finite losses (the loop's ``TrainingError``, the synthetic ``Diverged``) and failed solves."""
     import torch
 
-    from ..train.loop import TrainingError
+    from ..finetune.trainer import TrainingError
     from .synthetic import Diverged
 
     return TrainingError, Diverged, torch.linalg.LinAlgError
@@ -130,7 +130,7 @@ def _run_synthetic(spec: TaskSpec, cell: Cell, folder: Path) -> dict[str, Any]:
 def _capture_evaluations(folder: Path, sweep: bool):
     """During one ``Trainer`` run: keep the held-out result with its per-example correctness
     (``test_result.json``); in a sweep, skip the test split and report the final validation result."""
-    from ..train.tasks import TaskRuntime
+    from ..finetune.tasks import TaskRuntime
 
     original_test, original_validation = TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation
     last: dict[str, Any] = {}
@@ -158,8 +158,8 @@ def _as_override(key: str, value: Any) -> str:
 
 
 def _run_trainer(spec: TaskSpec, cell: Cell, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    from ..train.config import load_config
-    from ..train.loop import Trainer
+    from ..finetune.run_config import load_config
+    from ..finetune.trainer import Trainer
 
     values = {k: v for k, v in settings.items() if k not in ("kind", "stage")}
     overrides = [_as_override(k, v) for k, v in values.items()] + [_as_override("output_dir", str(folder))]
@@ -190,9 +190,9 @@ def zero_shot_dir(cache: Path, spec: TaskSpec) -> Path:
 
 def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
     """The base model (no adapter) on the held-out test split and on the validation curve's examples."""
-    from ..train.config import load_config
-    from ..train.models import load_model_and_tokenizer
-    from ..train.tasks import TaskRuntime
+    from ..finetune.run_config import load_config
+    from ..finetune.base_models import load_model_and_tokenizer
+    from ..finetune.tasks import TaskRuntime
 
     folder.mkdir(parents=True, exist_ok=True)
     overrides = [_as_override(k, v) for k, v in spec.overrides.items()]

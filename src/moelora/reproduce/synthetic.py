@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer import MoELoRALinear
+from ..layers.linear import MoELoRALinear
 from ..optim import RiemannianAdamW, RiemannianSGD, param_groups
 
 TEACHER_SEED = 12345
@@ -85,7 +85,7 @@ class Teacher:
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, E)`` renormalised top-k gates (the student's router computes the same)."""
-        from ..router import top_k_gates
+        from ..layers.routing import top_k_gates
 
         return top_k_gates(x @ self.router.t(), self.setup.top_k).float()
 

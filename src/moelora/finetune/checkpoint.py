@@ -124,7 +124,7 @@ TRAINABLE_NAME = "trainable.safetensors"
 
 def other_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters outside the MoE-LoRA layers (e.g. a new classification head)."""
-    from ..model import moelora_layers
+    from ..inject import moelora_layers
 
     adapter_ids = {id(p) for _, layer in moelora_layers(model) for p in (layer.lora_A, layer.lora_B, layer.router.weight)}
     return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}

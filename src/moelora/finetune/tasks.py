@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from ..data import CausalLMCollator, EncoderCollator, Example, TaskData, load_task
-from .config import RunConfig
+from .data import CausalLMCollator, EncoderCollator, Example, TaskData, load_task
+from .run_config import RunConfig
 from .loss import IGNORE_INDEX
-from .models import is_encoder
+from .base_models import is_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class TaskRuntime:
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, examples: list[Example], progress: bool = False, label: str = "eval") -> dict[str, Any]:
-        """``moelora.eval.evaluate`` on ``examples`` with the run's settings, as a JSON-ready dict."""
-        from ..eval import evaluate
+        """``moelora.finetune.eval.evaluate`` on ``examples`` with the run's settings, as a JSON-ready dict."""
+        from .eval import evaluate
 
         result = evaluate(
             self.model, self.tokenizer, self.task, examples, method="classifier" if self.encoder else self.config.eval.method,

@@ -31,7 +31,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ..atomic import write_bytes_atomic
+from ...atomic import write_bytes_atomic
 from .cache import resolve_cache_dir
 from .errors import DataError, DataFileNotFoundError, MalformedRowError, UnknownTaskError
 from .example import Example, TaskData
@@ -118,7 +118,7 @@ def task_file(task: str, cache_dir: str | Path | None = None, *, download: bool 
         raise UnknownTaskError(
             f"BIG-bench has no JSON task {task!r}"
             + (f"; close matches: {', '.join(close)}" if close else "")
-            + f" ({len(names)} tasks; list them with moelora.data.bigbench.list_tasks())"
+            + f" ({len(names)} tasks; list them with moelora.finetune.data.bigbench.list_tasks())"
         )
     write_bytes_atomic(path, data)
     return path

@@ -27,13 +27,14 @@ from torch import nn
 from ..atomic import atomic_dir, write_text_atomic
 from ..config import MoELoRAConfig
 from ..diagnostics import router_stats
-from ..model import load_adapter_weights, save_adapter, wrap
+from ..adapter import load_adapter_weights, save_adapter
+from ..inject import wrap
 from . import checkpoint as ckpt
 from .batching import StepBatches
-from .config import RunConfig, dump_config
+from .run_config import RunConfig, dump_config
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
-from .models import load_base_for_run
+from .base_models import load_base_for_run
 from .optimizers import build_optimizer
 from .schedule import build_scheduler
 from .tasks import TaskRuntime
@@ -267,7 +268,7 @@ class Trainer:
                 self._log({"step": tcfg.steps, "split": "validation", **_metric_fields(validation)})
             final = runtime.evaluate_test(progress=self.progress, label="fine-tuned")
             self._log({"step": tcfg.steps, "split": "test", **_metric_fields(final)})
-            from .report import write_report
+            from .run_summary import write_report
 
             summary = write_report(
                 self.run_dir, cfg, runtime, zero_shot=zero_shot, final=final, train_time_s=train_time,

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .router import gate_power
+from .routing import gate_power
 
 # Pick the sparse form when the dense form computes at least this many expert columns (E * r) per
 # selected expert: the sparse form's gathers and scatters cost a few passes over (T * top_k, d) each,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
-from .config import RunConfig
+from .run_config import RunConfig
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -28,7 +28,7 @@ def _fmt(result: dict | None) -> str:
 def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: dict | None, final: dict,
                  train_time_s: float, last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
     """Write the summary files and plots of a finished run; returns the summary."""
-    from ..eval import paired_bootstrap_difference
+    from .eval import paired_bootstrap_difference
 
     difference = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):

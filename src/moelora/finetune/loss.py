@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import answer_loss
+from .data import answer_loss
 
 IGNORE_INDEX = -100
 
@@ -20,7 +20,7 @@ class CausalLMAnswerLoss(nn.Module):
     """Cross-entropy summed over the answer tokens, the LM head applied only where there are labels.
 
     ``labels`` (B, T) hold the token to predict at each position, ``-100`` elsewhere, aligned with
-    ``input_ids`` as in ``transformers``. See ``moelora.data.answer_loss`` (strategy ``"gather"``): the
+    ``input_ids`` as in ``transformers``. See ``moelora.finetune.data.answer_loss`` (strategy ``"gather"``): the
     full-vocabulary logits of every position (B x T x V) are never formed.
     """
 

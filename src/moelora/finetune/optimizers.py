@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..optim import RiemannianAdamW, RiemannianSGD, param_groups
-from .config import OptimConfig
+from .run_config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig):

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_bench(sub)
-    from .reproduce.cli import add_parser as add_reproduce
+    from ..reproduce.cli import add_parser as add_reproduce
 
     add_reproduce(sub)
     return parser
@@ -69,8 +69,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.config import load_config
-    from .train.loop import Trainer
+    from .run_config import load_config
+    from .trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     summary = Trainer(config, progress=not args.no_progress).run(resume=args.resume)
@@ -81,11 +81,11 @@ def cmd_train(args) -> int:
 
 def _load_run(run_dir: str, task: str | None = None):
     """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head."""
-    from .model import load_adapter
-    from .train.checkpoint import list_checkpoints, load_other_trainable
-    from .train.config import load_config
-    from .train.models import load_base_for_run
-    from .train.tasks import TaskRuntime
+    from ..adapter import load_adapter
+    from .checkpoint import list_checkpoints, load_other_trainable
+    from .run_config import load_config
+    from .base_models import load_base_for_run
+    from .tasks import TaskRuntime
 
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter").is_dir():
@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .train.models import is_encoder
+    from .base_models import is_encoder
 
     config, _, model, tokenizer = _load_run(args.run_dir)
     if is_encoder(config.model.name):
@@ -131,14 +131,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.runner import run_benchmarks
+    from ..bench.runner import run_benchmarks
 
     run_benchmarks(quick=args.quick, json_out=args.json_out, only=args.only)
     return 0
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce.cli import run_from_args
+    from ..reproduce.cli import run_from_args
 
     return run_from_args(args)
 
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     from .data.errors import DataError
-    from .train.config import ConfigError
-    from .train.loop import TrainingError
+    from .run_config import ConfigError
+    from .trainer import TrainingError
 
     try:
         return COMMANDS[args.command](args)

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EXPERT_COMPUTE
+from ..config import EXPERT_COMPUTE
 from .dropout import keep_mask, keep_probability, mask_values
 from .projection import InputProjection
-from .router import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
+from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_supported
 
 # Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
@@ -126,11 +126,11 @@ class MoELoRALinear(nn.Module):
         lora_B: ``(E, d_out, r)`` expert up-projections, zero at init (the layer starts as ``base_layer``).
         router: ``nn.Linear(d_in, E, bias=False)``.
         scaling: ``alpha / rank``.
-        dropout: dropout probability on the experts' input (``moelora.dropout``); the router reads ``x``.
-        expert_compute: ``"dense"``, ``"sparse"`` (only the selected pairs, ``moelora.sparse``) or ``"auto"``.
+        dropout: dropout probability on the experts' input (``moelora.layers.dropout``); the router reads ``x``.
+        expert_compute: ``"dense"``, ``"sparse"`` (only the selected pairs, ``moelora.layers.sparse``) or ``"auto"``.
         gate_sq_sum: ``(E,)`` float32 running ``sum_t g_it^2`` over training forwards since the last reset.
         gate_token_count: ``()`` float32 number of tokens in that sum.
-        expert_load / gate_entropy: router diagnostics of the last forward pass (see ``moelora.router``).
+        expert_load / gate_entropy: router diagnostics of the last forward pass (see ``moelora.layers.routing``).
 
     The gate statistics are recorded only when ``self.training and torch.is_grad_enabled()``; every
     position counts, padding included (the layer does not see the attention mask). An optimizer with
@@ -179,7 +179,7 @@ class MoELoRALinear(nn.Module):
         self.router = nn.Linear(self.in_features, num_experts, bias=False, **factory)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.dropout = float(dropout)  # on the experts' input only; see moelora.dropout
+        self.dropout = float(dropout)  # on the experts' input only; see moelora.layers.dropout
 
         stat = {"device": device, "dtype": torch.float32}
         self.register_buffer("gate_sq_sum", torch.zeros(num_experts, **stat), persistent=False)
@@ -242,7 +242,7 @@ class MoELoRALinear(nn.Module):
                 self.gate_entropy.copy_(gate_entropy(gates))
 
     def uses_sparse(self, tokens: torch.Tensor | None = None) -> bool:
-        """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.sparse``)."""
+        """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.layers.sparse``)."""
         if self.expert_compute == "dense":
             return False
         # Under torch.compile "auto" stays dense: the sparse form's data-dependent block sizes break graphs.
