@@ -17,7 +17,8 @@ import random
 import torch
 
 import moelora
-from moelora.finetune.data import CausalLMCollator, Example, answer_loss, load_task
+from moelora.finetune.data import CausalLMCollator, Example, load_task
+from moelora.finetune.loss import answer_loss
 from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
 from moelora.finetune.base_models import load_model_and_tokenizer
 

@@ -1,4 +1,4 @@
-"""Collation, the length-grouped sampler and the answer-token loss on a tiny random Llama."""
+"""Collation and the answer-token loss on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fixtures.data.tiny_lm import tiny_llama, tiny_tokenizer
-from moelora.finetune.data import CausalLMCollator, EncoderCollator, Example, LengthGroupedBatchSampler, answer_loss
-from moelora.finetune.data.collate import IGNORE_INDEX, answer_logits_to_keep, answer_positions
+from moelora.finetune.data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example
+from moelora.finetune.loss import answer_logits_to_keep, answer_loss, answer_positions
 
 EXAMPLES = [
     Example("Review: a warm and funny film.\nIs this review positive or negative? Answer:", (" positive", " negative"), 0, "x"),
@@ -142,34 +142,6 @@ def test_answer_loss_rejects_batches_without_answers(tok, model):
     for strategy in ("gather", "logits_to_keep"):
         with pytest.raises(ValueError, match="no answer tokens"):
             answer_loss(model, batch, strategy=strategy)
-
-
-# --- sampler --------------------------------------------------------------------------------------------
-
-def test_length_grouped_sampler_is_deterministic_and_complete():
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 200, (103,), generator=gen).tolist()
-    sampler = LengthGroupedBatchSampler(lengths, 8, seed=3, group_batches=4)
-    batches = list(sampler)
-    assert batches == list(LengthGroupedBatchSampler(lengths, 8, seed=3, group_batches=4))
-    assert sorted(i for b in batches for i in b) == list(range(103)) and len(batches) == len(sampler) == 13
-    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    assert list(LengthGroupedBatchSampler(lengths, 8, seed=4, group_batches=4)) != batches
-
-    def padding(bs):
-        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
-
-    shuffled = torch.randperm(103, generator=gen).tolist()
-    random_batches = [shuffled[i : i + 8] for i in range(0, 103, 8)]
-    assert padding(batches) < padding(random_batches) / 2
-
-    dropped = LengthGroupedBatchSampler(lengths, 8, seed=3, group_batches=4, drop_last=True)
-    assert len(dropped) == len(list(dropped)) == 12 and all(len(b) == 8 for b in dropped)
-    ordered = list(LengthGroupedBatchSampler(lengths, 8, shuffle=False))
-    flat = [lengths[i] for b in ordered for i in b]
-    assert flat == sorted(lengths, reverse=True)
 
 
 # --- encoder collation ----------------------------------------------------------------------------------

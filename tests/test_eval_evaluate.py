@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fixtures.data.tiny_lm import tiny_llama, tiny_tokenizer
-from moelora.finetune.data import CausalLMCollator, Example, TaskData, answer_loss, load_task
+from moelora.finetune.data import CausalLMCollator, Example, TaskData, load_task
+from moelora.finetune.loss import answer_loss
 from moelora.finetune.eval import (
     evaluate,
     extract_answer,

@@ -78,6 +78,23 @@ def test_step_batches_are_a_pure_function_of_step_and_cover_each_epoch():
         StepBatches([3, 4], batch_size=4)
 
 
+def test_step_batches_group_lengths():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (104,), generator=gen).tolist()
+    plan = StepBatches(lengths, batch_size=8, seed=3, window_batches=4)
+    batches = [plan.global_batch(s) for s in range(plan.batches_per_epoch)]
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+
+    shuffled = torch.randperm(104, generator=gen).tolist()
+    random_batches = [shuffled[i : i + 8] for i in range(0, 104, 8)]
+    assert padding(batches) < padding(random_batches) / 2
+    assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in batches)  # longest first
+    ungrouped = StepBatches(lengths, batch_size=8, seed=3, window_batches=1)
+    assert padding([ungrouped.global_batch(s) for s in range(13)]) > padding(batches)
+
+
 def test_state_tree_round_trip_without_pickle(tmp_path):
     state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
              "param_groups": [{"params": [0, 1], "betas": (0.9, 0.999), "kind": "experts", "max": None}]}

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_dir
+from .cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,6 @@ RANDOM_LLAMA = "random-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def cache_dir() -> Path:
-    """``$MOELORA_CACHE`` or ``~/.cache/moelora``."""
-    return Path(os.environ.get("MOELORA_CACHE", Path.home() / ".cache" / "moelora"))
 
 
 def package_dir(name: str) -> Path:
@@ -52,7 +47,7 @@ def is_encoder(name: str) -> bool:
 
 def smollm2_folder() -> Path:
     """The SmolLM2-135M-Instruct folder in the cache, converted from the bundled GGUF on first use."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    target = default_cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,4 +1,7 @@
-"""Training losses as modules (so ``DistributedDataParallel`` can wrap them), returning sums and counts.
+"""Training losses: the answer-token loss of a causal LM, and the loss modules of the trainer.
+
+``answer_loss`` is cross-entropy on the answer tokens with the LM head applied only where it is needed.
+The loss modules wrap a model (so ``DistributedDataParallel`` can wrap them) and return sums and counts.
 
 Returning ``(sum of per-token losses, number of tokens)`` rather than a mean lets the loop normalise by
 the token count of the whole global batch (all micro-batches, all processes), so one process and N
@@ -11,16 +14,116 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import answer_loss
+from .data.collate import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+
+
+def answer_logits_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits the loss needs (``logits_to_keep`` of transformers' models).
+
+    ``labels`` is ``(B, T)``. The logits at position ``t`` predict token ``t + 1``, so with the first
+    labelled column ``c`` the loss needs positions ``c - 1 .. T - 2``; this returns ``T - c + 1`` (the last
+    position is kept too, since ``logits_to_keep`` counts from the end). With left padding it is one more
+    than the longest answer.
+    """
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        raise ValueError("the batch has no answer tokens (all labels are -100)")
+    first = int(labelled[0])
+    if first == 0:
+        raise ValueError("the first token of a sequence cannot be a label (nothing predicts it)")
+    return labels.shape[1] - first + 1
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the positions whose next token is an answer token: ``labels[rows, cols + 1]``
+    are the targets of the logits at ``(rows, cols)``. Both are ``(N,)`` long, ``N`` answer tokens."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    """``(inner model, wrapped)`` through DDP / FSDP-style ``.module`` wrappers."""
+    wrapped = False
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+        model, wrapped = model.module, True
+    return model, wrapped
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def _gather_supported(model: nn.Module) -> bool:
+    inner, wrapped = _unwrap(model)
+    if wrapped or not hasattr(inner, "get_decoder"):
+        return False
+    config = getattr(inner, "config", None)
+    if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
+        return False  # the model post-processes logits in its forward: go through it
+    decoder = inner.get_decoder()
+    return decoder is not inner and inner.get_output_embeddings() is not None
+
+
+def answer_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    strategy: str = "auto",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, computing LM-head logits only where they are needed.
+
+    Equals transformers' own causal-LM loss on ``model(**batch)`` (which computes ``(B, T, V)`` logits)
+    up to float rounding, at a fraction of the LM-head cost.
+
+    Strategies:
+        ``"gather"``: run the decoder body (``model.get_decoder()``), gather the ``(N, H)`` hidden states
+            at the ``N`` positions that predict answer tokens and apply the LM head there only
+            (``N x V`` logits). Bypasses ``model.forward``, so it is not used for DDP / FSDP wrappers
+            (their forward sets up gradient synchronisation) or for models that transform their logits
+            in ``forward`` (soft-capping, logit scales).
+        ``"logits_to_keep"``: ``model(..., logits_to_keep=k)`` with ``k = answer_logits_to_keep(labels)``:
+            ``B x k x V`` logits, through the model's own forward (works under any wrapper). With left
+            padding ``k`` is the longest answer plus one.
+        ``"auto"``: ``"gather"`` when supported, else ``"logits_to_keep"``.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (and ``position_ids`` when given), ``(B, T)``.
+        reduction: ``"mean"`` over answer tokens, or ``"sum"`` (divide by the total answer-token count
+            yourself when accumulating gradients over micro-batches of different sizes).
+
+    Returns:
+        A scalar float32 tensor.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if strategy not in ("auto", "gather", "logits_to_keep"):
+        raise ValueError(f"strategy must be 'auto', 'gather' or 'logits_to_keep', got {strategy!r}")
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if strategy == "auto":
+        strategy = "gather" if _gather_supported(model) else "logits_to_keep"
+    if strategy == "gather":
+        inner, _ = _unwrap(model)
+        hidden = inner.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        rows, cols = answer_positions(labels)
+        if rows.numel() == 0:
+            raise ValueError("the batch has no answer tokens (all labels are -100)")
+        logits = inner.get_output_embeddings()(hidden[rows, cols])  # (N, V)
+        targets = labels[rows, cols + 1]
+    else:
+        keep = answer_logits_to_keep(labels)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
+        logits = logits[:, :-1].flatten(0, 1)
+        targets = labels[:, labels.shape[1] - keep + 1 :].flatten()
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 class CausalLMAnswerLoss(nn.Module):
     """Cross-entropy summed over the answer tokens, the LM head applied only where there are labels.
 
     ``labels`` (B, T) hold the token to predict at each position, ``-100`` elsewhere, aligned with
-    ``input_ids`` as in ``transformers``. See ``moelora.finetune.data.answer_loss`` (strategy ``"gather"``): the
+    ``input_ids`` as in ``transformers``. See ``answer_loss`` (strategy ``"gather"``): the
     full-vocabulary logits of every position (B x T x V) are never formed.
     """
 

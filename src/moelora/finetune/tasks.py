@@ -8,9 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from .data import CausalLMCollator, EncoderCollator, Example, TaskData, load_task
+from .data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example, TaskData, load_task
 from .run_config import RunConfig
-from .loss import IGNORE_INDEX
 from .base_models import is_encoder
 
 logger = logging.getLogger(__name__)

@@ -4,11 +4,11 @@ seeds and every run), intervals, the figures, and a plain statement of which cla
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
 from .aggregate import Comparison, TaskResults, compare, t_quantile, versus_zero_shot
 from .grid import METHODS, Grid
 
@@ -356,7 +356,4 @@ def write_results(grid: Grid, results: dict[str, TaskResults], path: Path, comma
         if key in figures:
             lines += [f"![{key}]({figures[key]})", ""]
         lines += ["<details><summary>Every run</summary>", "", *_every_run(res), "", "</details>", ""]
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
 from .grid import MAIN, METHODS, SWEEP, SWEEP_SEED, Cell, Grid, TaskSpec, cell_overrides, config_hash
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,7 @@ DEFAULT_CACHE = Path("runs") / "reproduce"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -2,13 +2,12 @@
 
 ``load_task(name, ...)`` returns a ``TaskData`` with train / validation / held-out test lists of
 ``Example``; ``CausalLMCollator`` and ``EncoderCollator`` turn examples into model batches;
-``LengthGroupedBatchSampler`` groups similar lengths; ``answer_loss`` computes the loss on answer tokens
-with the LM head applied only where it is needed.
+``IGNORE_INDEX`` marks positions without a label. (The loss on answer tokens is ``moelora.finetune.loss``.)
 """
 
 from . import bigbench, generic, glue, hub, qa, rotten_tomatoes  # noqa: F401  (register the loaders)
-from .cache import default_cache_dir
-from .collate import CausalLMCollator, EncoderCollator, answer_loss, answer_logits_to_keep
+from ..cache import default_cache_dir
+from .collate import IGNORE_INDEX, CausalLMCollator, EncoderCollator
 from .errors import (
     DataError,
     DataFileNotFoundError,
@@ -21,7 +20,6 @@ from .errors import (
 from .example import Example, TaskData
 from .prompts import mc_example, mc_prompt
 from .registry import available_tasks, load_task, register_task
-from .sampler import LengthGroupedBatchSampler
 
 __all__ = [
     "CausalLMCollator",
@@ -31,13 +29,11 @@ __all__ = [
     "EncoderCollator",
     "Example",
     "LabelOutOfRangeError",
-    "LengthGroupedBatchSampler",
     "MalformedRowError",
     "TaskData",
     "UnknownOptionError",
     "UnknownTaskError",
-    "answer_logits_to_keep",
-    "answer_loss",
+    "IGNORE_INDEX",
     "available_tasks",
     "default_cache_dir",
     "load_task",

@@ -32,7 +32,7 @@ import tarfile
 from pathlib import Path
 
 from ...atomic import write_bytes_atomic
-from .cache import resolve_cache_dir
+from ..cache import resolve_cache_dir
 from .errors import DataError, DataFileNotFoundError, MalformedRowError, UnknownTaskError
 from .example import Example, TaskData
 from .io import parse_rows

@@ -1,4 +1,4 @@
-"""Batches for causal LMs and encoders, and the loss on answer tokens.
+"""Batches for causal LMs and encoders.
 
 A causal-LM sequence is ``prefix + prompt + answer (+ eos)`` where ``prefix`` is whatever special tokens
 the tokenizer puts in front of a text (a BOS for Llama-style tokenizers, nothing for SmolLM2). Prompt
@@ -12,7 +12,7 @@ which is also a real token.
 
 Padding is dynamic (to the longest sequence of the batch) and on the left by default: the answers of a
 batch then end at the same column, so the logits needed for the loss are the last few positions
-(``answer_logits_to_keep``), and the same batches serve scoring and generation. ``position_ids`` count
+(``moelora.finetune.loss.answer_logits_to_keep``), and the same batches serve scoring and generation. ``position_ids`` count
 real tokens only, so a left-padded row computes exactly what it computes unpadded.
 """
 
@@ -22,8 +22,6 @@ import logging
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .example import Example
 
@@ -98,7 +96,7 @@ class CausalLMCollator:
     ``collator(examples)`` returns ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``,
     each ``(B, T)`` long with ``T`` the longest sequence of the batch; ``labels`` is ``-100`` except on
     the answer tokens (``example.answer``, plus eos when ``append_eos``). The batch works with
-    ``model(**batch)`` (transformers' loss) and with :func:`answer_loss`.
+    ``model(**batch)`` (transformers' loss) and with ``moelora.finetune.loss.answer_loss``.
 
     Args:
         tokenizer: a ``transformers`` tokenizer.
@@ -209,106 +207,3 @@ class EncoderCollator:
         labels = [e.label for e in examples]
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
         return dict(batch)
-
-
-# --- the loss on answer tokens --------------------------------------------------------------------------
-
-def answer_logits_to_keep(labels: torch.Tensor) -> int:
-    """How many trailing positions' logits the loss needs (``logits_to_keep`` of transformers' models).
-
-    ``labels`` is ``(B, T)``. The logits at position ``t`` predict token ``t + 1``, so with the first
-    labelled column ``c`` the loss needs positions ``c - 1 .. T - 2``; this returns ``T - c + 1`` (the last
-    position is kept too, since ``logits_to_keep`` counts from the end). With left padding it is one more
-    than the longest answer.
-    """
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    if labelled.numel() == 0:
-        raise ValueError("the batch has no answer tokens (all labels are -100)")
-    first = int(labelled[0])
-    if first == 0:
-        raise ValueError("the first token of a sequence cannot be a label (nothing predicts it)")
-    return labels.shape[1] - first + 1
-
-
-def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)`` of the positions whose next token is an answer token: ``labels[rows, cols + 1]``
-    are the targets of the logits at ``(rows, cols)``. Both are ``(N,)`` long, ``N`` answer tokens."""
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows, cols
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """``(inner model, wrapped)`` through DDP / FSDP-style ``.module`` wrappers."""
-    wrapped = False
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
-        model, wrapped = model.module, True
-    return model, wrapped
-
-
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-def _gather_supported(model: nn.Module) -> bool:
-    inner, wrapped = _unwrap(model)
-    if wrapped or not hasattr(inner, "get_decoder"):
-        return False
-    config = getattr(inner, "config", None)
-    if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
-        return False  # the model post-processes logits in its forward: go through it
-    decoder = inner.get_decoder()
-    return decoder is not inner and inner.get_output_embeddings() is not None
-
-
-def answer_loss(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    *,
-    strategy: str = "auto",
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Cross-entropy on the answer tokens, computing LM-head logits only where they are needed.
-
-    Equals transformers' own causal-LM loss on ``model(**batch)`` (which computes ``(B, T, V)`` logits)
-    up to float rounding, at a fraction of the LM-head cost.
-
-    Strategies:
-        ``"gather"``: run the decoder body (``model.get_decoder()``), gather the ``(N, H)`` hidden states
-            at the ``N`` positions that predict answer tokens and apply the LM head there only
-            (``N x V`` logits). Bypasses ``model.forward``, so it is not used for DDP / FSDP wrappers
-            (their forward sets up gradient synchronisation) or for models that transform their logits
-            in ``forward`` (soft-capping, logit scales).
-        ``"logits_to_keep"``: ``model(..., logits_to_keep=k)`` with ``k = answer_logits_to_keep(labels)``:
-            ``B x k x V`` logits, through the model's own forward (works under any wrapper). With left
-            padding ``k`` is the longest answer plus one.
-        ``"auto"``: ``"gather"`` when supported, else ``"logits_to_keep"``.
-
-    Args:
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (and ``position_ids`` when given), ``(B, T)``.
-        reduction: ``"mean"`` over answer tokens, or ``"sum"`` (divide by the total answer-token count
-            yourself when accumulating gradients over micro-batches of different sizes).
-
-    Returns:
-        A scalar float32 tensor.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if strategy not in ("auto", "gather", "logits_to_keep"):
-        raise ValueError(f"strategy must be 'auto', 'gather' or 'logits_to_keep', got {strategy!r}")
-    labels = batch["labels"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if strategy == "auto":
-        strategy = "gather" if _gather_supported(model) else "logits_to_keep"
-    if strategy == "gather":
-        inner, _ = _unwrap(model)
-        hidden = inner.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        rows, cols = answer_positions(labels)
-        if rows.numel() == 0:
-            raise ValueError("the batch has no answer tokens (all labels are -100)")
-        logits = inner.get_output_embeddings()(hidden[rows, cols])  # (N, V)
-        targets = labels[rows, cols + 1]
-    else:
-        keep = answer_logits_to_keep(labels)
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
-        logits = logits[:, :-1].flatten(0, 1)
-        targets = labels[:, labels.shape[1] - keep + 1 :].flatten()
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)

@@ -1,4 +1,4 @@
-"""Where downloaded archives and extracted files are kept."""
+"""The cache folder: converted models, downloaded archives and extracted files."""
 
 from __future__ import annotations
 
