@@ -162,7 +162,7 @@ def test_paper_config_runs_with_tiny_stand_ins(name, data, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = Trainer(load_config(PAPER / f"{name}.yaml", overrides), progress=False).run()
+        summary = Trainer(load_config(PAPER / f"{name}.yaml", overrides), progress=False).run().summary
     finally:
         torch.set_num_threads(threads)
     assert summary["steps"] == 2

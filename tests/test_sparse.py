@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import moelora
-from moelora import MoELoRALinear
+from moelora import ConfigError, MoELoRAConfig, MoELoRALinear
 from moelora.layers.sparse import sort_pairs, sparse_is_cheaper
 
 from reference import reference_forward
@@ -89,11 +89,13 @@ def test_auto_picks_sparse_only_where_it_is_cheaper_and_supported():
     double = MoELoRALinear(base.double(), 64, 2, 4, 8.0, dtype=torch.float64)
     assert not double.uses_sparse()  # grouped GEMMs take float32 on CPU: auto falls back to dense
     double.expert_compute = "sparse"
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ConfigError, match="float32"):
         double(torch.randn(2, 16, dtype=torch.float64))
-    odd = MoELoRALinear(nn.Linear(15, 16), 64, 2, 4, 8.0, expert_compute="sparse")
-    with pytest.raises(RuntimeError, match="multiples of 4"):
-        odd(torch.randn(2, 15))
+    # shapes the grouped GEMMs cannot take are refused when the layer (or the config) is built
+    with pytest.raises(ConfigError, match="d_in must be multiples of 4"):
+        MoELoRALinear(nn.Linear(15, 16), 64, 2, 4, 8.0, expert_compute="sparse")
+    with pytest.raises(ConfigError, match="rank must be multiples of 4"):
+        MoELoRAConfig(num_experts=4, top_k=2, rank=2, expert_compute="sparse")
     with pytest.raises(ValueError, match="expert_compute"):
         MoELoRALinear(base, 4, 2, 4, 8.0, expert_compute="fast")
 

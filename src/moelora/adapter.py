@@ -18,6 +18,7 @@ from torch import nn
 
 from .atomic import atomic_write, write_text_atomic
 from .config import MoELoRAConfig
+from .errors import AdapterError, AdapterNotFoundError
 from .inject import moelora_layers, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,7 +57,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     config = getattr(model, "moelora_config", None)
     if config is None:
-        raise ValueError("model has no MoE-LoRA adapter: call moelora.wrap(model, config) first")
+        raise AdapterError("model has no MoE-LoRA adapter: call moelora.wrap(model, config) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
@@ -76,13 +77,13 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[MoELoRAConfig, di
     """The ``MoELoRAConfig`` and the full metadata of an adapter folder."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_adapter?")
+        raise AdapterNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_adapter?")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise AdapterError(f"{path} is not valid JSON: {err}") from None
     if meta.get("format") != "moelora" or "config" not in meta:
-        raise ValueError(f"{path} is not a moelora adapter config (missing 'format': 'moelora' or 'config')")
+        raise AdapterError(f"{path} is not a moelora adapter config (missing 'format': 'moelora' or 'config')")
     return MoELoRAConfig.from_dict(meta["config"]), meta
 
 
@@ -92,7 +93,7 @@ def load_adapter(
     """Wrap a fresh base ``model`` as the adapter in ``directory`` describes, then load its weights.
 
     Raises:
-        ValueError: the base model's wrapped modules differ from the adapter's (the message names the
+        AdapterError: the base model's wrapped modules differ from the adapter's (the message names the
             first mismatching module and both shapes), or the weights file does not match its config.
             The model is left unwrapped.
     """
@@ -121,37 +122,37 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
     found = {name: [layer.in_features, layer.out_features] for name, layer in moelora_layers(model)}
     for name, shape in found.items():  # model order, so the first mismatch is the first in the model
         if name not in expected:
-            raise ValueError(
+            raise AdapterError(
                 f"the base model has target module {name!r} (d_in, d_out) = {tuple(shape)} that the adapter "
                 f"does not cover; load the adapter into the base model it was trained on ({base_class})"
             )
         if list(expected[name]) != shape:
-            raise ValueError(
+            raise AdapterError(
                 f"module {name!r}: the adapter expects (d_in, d_out) = {tuple(expected[name])}, the base model "
                 f"has {tuple(shape)}; load the adapter into the base model it was trained on ({base_class})"
             )
     missing = [name for name in expected if name not in found]
     if missing:
-        raise ValueError(
+        raise AdapterError(
             f"the adapter has module {missing[0]!r} ({len(missing)} in all) that the base model lacks; "
             f"load the adapter into the base model it was trained on ({base_class})"
         )
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.is_file():
-        raise FileNotFoundError(f"missing {weights_path}")
+        raise AdapterNotFoundError(f"missing {weights_path}")
     params = _adapter_parameters(model)
     with safe_open(str(weights_path), framework="pt") as f:
         keys = set(f.keys())
         if keys != set(params):
             missing_keys, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
-            raise ValueError(
+            raise AdapterError(
                 f"{weights_path} does not match its config: missing {missing_keys[:3]}, unexpected {unexpected[:3]}"
             )
         with torch.no_grad():
             for key, param in params.items():
                 tensor = f.get_tensor(key)
                 if tensor.shape != param.shape:
-                    raise ValueError(
+                    raise AdapterError(
                         f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
                     )
                 param.copy_(tensor)

@@ -1,14 +1,29 @@
-"""Configuration of a MoE-LoRA adapter."""
+"""Configuration of a MoE-LoRA adapter, and the choice types used across the package.
+
+Every option with a fixed set of values is a ``Literal`` type defined here once; the tuples of valid
+values (``ROUTER_INITS`` ...) are derived from them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-ROUTER_INITS = ("kaiming", "zeros", "normal")
-EXPERT_COMPUTE = ("auto", "dense", "sparse")
+from .errors import ConfigError
+
+RouterInit = Literal["kaiming", "zeros", "normal"]
+ExpertCompute = Literal["auto", "dense", "sparse"]
+# How the experts' gradients are preconditioned (method.md section 4); "none" is plain SGD / AdamW.
+Preconditioner = Literal["none", "riemannian", "gate_rescaled"]
+# The base update the preconditioned gradient feeds.
+OptimizerName = Literal["adamw", "sgd"]
+
+ROUTER_INITS: tuple[str, ...] = get_args(RouterInit)
+EXPERT_COMPUTE: tuple[str, ...] = get_args(ExpertCompute)
+PRECONDITIONERS: tuple[str, ...] = get_args(Preconditioner)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -23,6 +38,8 @@ class MoELoRAConfig:
 
     with ``num_experts`` experts ``A_i`` (``rank x d_in``), ``B_i`` (``d_out x rank``) and a top-k softmax
     router ``g(x)``.
+
+    Raises ``moelora.ConfigError`` (a ``ValueError``) on a bad value.
 
     Attributes:
         num_experts: experts per adapted module (``E``).
@@ -40,10 +57,11 @@ class MoELoRAConfig:
         router_init_std: standard deviation for ``router_init="normal"``.
         exclude_modules: module names (same matching rule as a list ``target_modules``) never adapted.
         track_router_stats: keep per-layer expert load and gate entropy of the last forward pass.
-        expert_compute: ``"dense"`` computes every expert on every token (two GEMMs of rank ``E * r``),
-            ``"sparse"`` only the ``top_k`` selected experts per token (grouped GEMMs, float32 on CPU),
-            ``"auto"`` picks sparse where it runs and is cheaper (``E * r >= 64 * top_k``; see
-            ``moelora.layers.sparse``). The function computed is the same.
+        expert_compute: how the experts are computed (the function and its gradients are the same).
+            ``"dense"`` computes every expert on every token (two GEMMs of rank ``E * r``), ``"sparse"``
+            only the ``top_k`` selected experts per token (grouped GEMMs, float32 on CPU), ``"auto"``
+            picks sparse where it runs and is cheaper (``E * r >= 64 * top_k``; see
+            ``moelora.layers.sparse``).
     """
 
     num_experts: int = 20
@@ -53,31 +71,37 @@ class MoELoRAConfig:
     dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     gate_backward_power: float = 1.0
-    router_init: str = "kaiming"
+    router_init: RouterInit = "kaiming"
     router_init_std: float = 0.02
     exclude_modules: list[str] = field(default_factory=list)
     track_router_stats: bool = True
-    expert_compute: str = "auto"
+    expert_compute: ExpertCompute = "auto"
 
     def __post_init__(self) -> None:
         _check_int_range("num_experts", self.num_experts, 1)
         _check_int_range("rank", self.rank, 1)
         _check_int_range("top_k", self.top_k, 1, self.num_experts, "num_experts")
         if not _is_number(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
+            raise ConfigError(f"alpha must be a number > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not _is_number(self.gate_backward_power) or not 0 <= self.gate_backward_power <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"gate_backward_power must be in [0, 1] (1.0 = plain gradient, 0.5 = the paper's "
                 f"engineering strategy), got {self.gate_backward_power!r}"
             )
         if self.expert_compute not in EXPERT_COMPUTE:
-            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {self.expert_compute!r}")
+            raise ConfigError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {self.expert_compute!r}")
+        if self.expert_compute == "sparse":
+            from .layers.sparse import sparse_shape_problem  # the layers import this module
+
+            problem = sparse_shape_problem(self.rank)
+            if problem is not None:
+                raise ConfigError(f"expert_compute='sparse' cannot run: {problem}; use 'auto' or 'dense'")
         if self.router_init not in ROUTER_INITS:
-            raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+            raise ConfigError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if not _is_number(self.router_init_std) or self.router_init_std <= 0:
-            raise ValueError(f"router_init_std must be a number > 0, got {self.router_init_std!r}")
+            raise ConfigError(f"router_init_std must be a number > 0, got {self.router_init_std!r}")
         self.target_modules = _normalise_targets("target_modules", self.target_modules, allow_regex=True)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules, allow_empty=True)
         self.alpha = float(self.alpha)
@@ -106,7 +130,7 @@ class MoELoRAConfig:
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ValueError(f"unknown MoELoRAConfig key(s) {unknown}; valid keys are {sorted(valid)}")
+            raise ConfigError(f"unknown MoELoRAConfig key(s) {unknown}; valid keys are {sorted(valid)}")
         return cls(**data)
 
 
@@ -121,9 +145,9 @@ def _is_number(value: Any) -> bool:
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None, high_name: str = "") -> None:
     accepted = f"{low} <= {name}" + (f" <= {high_name} (= {high})" if high is not None else "")
     if not _is_int(value):
-        raise ValueError(f"{name} must be an integer with {accepted}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer with {accepted}, got {value!r}")
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must satisfy {accepted}, got {value}")
+        raise ConfigError(f"{name} must satisfy {accepted}, got {value}")
 
 
 def _normalise_targets(name: str, value: Any, allow_regex: bool = False, allow_empty: bool = False):
@@ -131,20 +155,20 @@ def _normalise_targets(name: str, value: Any, allow_regex: bool = False, allow_e
         if not allow_regex:
             return [value]
         if not value:
-            raise ValueError(f"{name} must not be empty: give module names such as ['q_proj', 'v_proj'] or a regex")
+            raise ConfigError(f"{name} must not be empty: give module names such as ['q_proj', 'v_proj'] or a regex")
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"{name} is not a valid regular expression ({err}): {value!r}") from None
+            raise ConfigError(f"{name} is not a valid regular expression ({err}): {value!r}") from None
         return value
     try:
         names = list(value)
     except TypeError:
-        raise ValueError(f"{name} must be a list of module names or a regex string, got {value!r}") from None
+        raise ConfigError(f"{name} must be a list of module names or a regex string, got {value!r}") from None
     if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{name} must contain non-empty strings, got {names!r}")
+        raise ConfigError(f"{name} must contain non-empty strings, got {names!r}")
     if not names and not allow_empty:
-        raise ValueError(f"{name} must not be empty: give module names such as ['q_proj', 'v_proj'] or a regex")
+        raise ConfigError(f"{name} must not be empty: give module names such as ['q_proj', 'v_proj'] or a regex")
     return names
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import MoELoRAConfig
+from .errors import ConfigError
 from .layers.linear import MoELoRALinear, _is_conv1d
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
     unless ``adapter_dtype`` is given. Returns ``model``.
 
     Raises:
-        ValueError: nothing matched ``config.target_modules`` (the message lists linear modules that
-            exist), or the model is already wrapped.
+        ConfigError: nothing matched ``config.target_modules`` (the message lists linear modules that
+            exist).
+        ValueError: the model is already wrapped.
     """
     if not isinstance(config, MoELoRAConfig):
         raise TypeError(f"config must be a MoELoRAConfig, got {type(config).__name__}")
@@ -63,7 +65,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
     if not targets:
         linear_names = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ValueError(
+        raise ConfigError(
             f"no module matched target_modules={config.target_modules!r}. Linear modules in this model "
             f"include (by last name): {suffixes[:20]}; e.g. {linear_names[:5]}"
         )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+
 # (comparison, target, how to read the ratio)
 TARGETS = {
     "layer.speedup_vs_per_expert_loop": (">=", 5.0),
@@ -59,7 +61,7 @@ def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[
     }
     unknown = sorted(set(only or []) - set(suites))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {sorted(suites)}")
+        raise ConfigError(f"unknown benchmark(s) {unknown}; choose from {sorted(suites)}")
     results: dict = {"machine": machine(), "quick": quick}
     for name, suite in suites.items():
         if only and name not in only:

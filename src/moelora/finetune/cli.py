@@ -1,5 +1,9 @@
-"""``moelora`` command line: parse, build dataclasses, call the library. Errors the user can fix are one
-line on stderr (exit 2 for configuration mistakes, 1 for failures during the run), never a traceback."""
+"""``moelora`` command line: parse, build dataclasses, call the library.
+
+Errors the user can fix (``moelora.MoELoRAError``: configuration, data, adapter and training errors) are
+one line on stderr, exit 2 for configuration mistakes and 1 for the others; anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,28 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything this tool loads is local
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ..errors import ConfigError, MoELoRAError  # noqa: E402
+from .errors import RunFolderError  # noqa: E402
+from .eval.evaluate import LMEvalMethod  # noqa: E402
+from .run_config import dump_config, format_keys, load_config  # noqa: E402
+
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model (the embedded default job without CONFIG)")
+    p = sub.add_parser(
+        "train", help="fine-tune a model (the embedded default job without CONFIG)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration keys (YAML sections, or --set section.key=value):\n" + format_keys(),
+    )
     p.add_argument("config", nargs="?", help="YAML run configuration (default: the embedded default job)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -28,7 +43,7 @@ def _add_eval(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", help="task to evaluate on (default: the run's task)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--method", choices=["loglik", "generate"], help="default: the run's eval.method")
+    p.add_argument("--method", choices=get_args(LMEvalMethod), help="default: the run's eval.method")
     p.add_argument("--max-examples", type=int)
     p.add_argument("--no-progress", action="store_true")
 
@@ -69,12 +84,14 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_train(args) -> int:
-    from .run_config import load_config
     from .trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    summary = Trainer(config, progress=not args.no_progress).run(resume=args.resume)
-    if summary:
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    result = Trainer(config, progress=not args.no_progress).run(resume=args.resume)
+    if result.summary:
         print(Path(config.output_dir, "summary.md").read_text())
     return 0
 
@@ -82,14 +99,13 @@ def cmd_train(args) -> int:
 def _load_run(run_dir: str, task: str | None = None):
     """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head."""
     from ..adapter import load_adapter
-    from .checkpoint import list_checkpoints, load_other_trainable
-    from .run_config import load_config
     from .base_models import load_base_for_run
+    from .checkpoint import list_checkpoints, load_other_trainable
     from .tasks import TaskRuntime
 
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter").is_dir():
-        raise FileNotFoundError(f"{folder} is not a finished run folder (needs config.yaml and adapter/)")
+        raise RunFolderError(f"{folder} is not a finished run folder (needs config.yaml and adapter/)")
     config = load_config(folder / "config.yaml")
     if task:
         config.data.task = task
@@ -109,8 +125,7 @@ def cmd_eval(args) -> int:
         config.eval.method = args.method
     examples = runtime.task.split(args.split)[: args.max_examples]
     result = runtime.evaluate(examples, progress=not args.no_progress, label=args.split)
-    shown = {k: v for k, v in result.items() if k not in ("correct", "predictions")}
-    print(json.dumps(shown, indent=2))
+    print(json.dumps(result.to_dict(per_example=False), indent=2))
     return 0
 
 
@@ -121,7 +136,7 @@ def cmd_generate(args) -> int:
 
     config, _, model, tokenizer = _load_run(args.run_dir)
     if is_encoder(config.model.name):
-        raise ValueError("generate needs a causal language model; this run trained an encoder classifier")
+        raise ConfigError("generate needs a causal language model; this run trained an encoder classifier")
     encoded = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -156,15 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    from .data.errors import DataError
-    from .run_config import ConfigError
-    from .trainer import TrainingError
-
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
         return _fail(str(err), 2)
-    except (DataError, TrainingError, FileNotFoundError, ValueError) as err:
+    except MoELoRAError as err:
         return _fail(str(err), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -1,38 +1,68 @@
 """Typed run configuration: nested dataclasses loaded from YAML, with ``--set dotted.key=value`` overrides.
 
 Every section is a dataclass; an unknown key anywhere is a ``ConfigError`` naming the key and the valid
-ones. The defaults are the embedded default job: SmolLM2-135M-Instruct on Rotten Tomatoes with the
-paper's method (per-expert Riemannian AdamW, backward gate power 0.5).
+ones. The ``adapter`` section is the core ``MoELoRAConfig`` itself, so every adapter option is a key here.
+The defaults are the embedded default job: SmolLM2-135M-Instruct on Rotten Tomatoes with the paper's
+method (per-expert Riemannian AdamW, backward gate power 0.5).
+
+Each section documents its keys in an ``Attributes:`` docstring block; ``describe_keys`` reads it for
+``moelora train --help``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ..config import MoELoRAConfig, OptimizerName, Preconditioner
+from ..errors import ConfigError
+from .eval.evaluate import LMEvalMethod
 
-class ConfigError(ValueError):
-    """A configuration mistake the user can fix (unknown key, wrong type, bad value)."""
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "describe_keys",
+    "dump_config",
+    "load_config",
+    "replace_values",
+]
+
+ModelDType = Literal["float32", "bfloat16", "float16", "float64"]
+
+# The training command runs the paper's method by default: the engineering strategy's gate power 0.5
+# (the layer's own default, 1.0, is the plain gradient).
+TRAIN_GATE_BACKWARD_POWER = 0.5
 
 
 @dataclass
 class ModelConfig:
     """Which base model to fine-tune.
 
-    ``name``: ``"smollm2-135m-instruct"`` (bundled, converted once into the cache), ``"minilm"`` (the bundled
-    all-MiniLM-L6-v2 encoder, trained with a classification head), ``"random-llama"`` (a tiny randomly
-    initialised Llama built from ``random_config``, with a byte-level tokenizer; for smoke tests), or a path
-    to a local Hugging Face model folder.
+    Attributes:
+        name: ``smollm2-135m-instruct`` (bundled), ``minilm`` (the bundled all-MiniLM-L6-v2 encoder, with a
+            classification head), ``random-llama`` (a tiny random Llama for smoke tests) or a local
+            Hugging Face model folder.
+        dtype: storage dtype of the base model's weights.
+        random_config: ``LlamaConfig`` values of ``random-llama`` (e.g. ``hidden_size``).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        trust_remote_code: allow a local model folder's own Python code to run (only for folders you trust).
     """
 
     name: str = "smollm2-135m-instruct"
-    dtype: str = "float32"
+    dtype: ModelDType = "float32"
     random_config: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -42,8 +72,15 @@ class ModelConfig:
 class DataConfig:
     """Which task, and how much of it.
 
-    ``path`` is the folder (or file) of a task read from local files; ``options`` are passed to the task's
-    loader (e.g. ``answer_format``).
+    Attributes:
+        task: a task name such as ``rotten_tomatoes``, ``siqa``, ``bigbench:<task>``, ``glue:cola``,
+            ``mc_file`` or ``classification_file``.
+        path: folder (or file) of a task read from local files.
+        max_train: keep at most this many training examples (all when empty).
+        max_eval: keep at most this many validation and test examples (all when empty).
+        max_length: longest tokenised sequence; longer prompts are cut from the left.
+        subset_seed: seed of the ``max_train`` / ``max_eval`` subsets and of derived splits.
+        options: keyword options of the task's loader (e.g. ``answer_format``).
     """
 
     task: str = "rotten_tomatoes"
@@ -55,42 +92,63 @@ class DataConfig:
     options: dict = field(default_factory=dict)
 
 
-@dataclass
-class AdapterConfig:
-    """The adapter: ``moelora`` (MoE-LoRA; ``num_experts=1, top_k=1`` is a plain LoRA)."""
-
-    num_experts: int = 20
-    top_k: int = 10
-    rank: int = 4
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    gate_backward_power: float = 0.5
-    router_init: str = "kaiming"
+def default_adapter() -> MoELoRAConfig:
+    """The training command's adapter: the core defaults with the paper's backward gate power."""
+    return MoELoRAConfig(gate_backward_power=TRAIN_GATE_BACKWARD_POWER)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer of the adapters. ``preconditioner``: ``none``, ``riemannian`` or ``gate_rescaled``."""
+    """Optimizer of the adapters.
 
-    name: str = "adamw"
-    preconditioner: str = "riemannian"
+    Attributes:
+        name: the base update the preconditioned gradient feeds.
+        preconditioner: ``riemannian`` (per expert), ``gate_rescaled`` (derived) or ``none`` (plain).
+        lr: the experts' peak learning rate.
+        router_lr: the routers' learning rate (empty: the experts' rate).
+        weight_decay: decoupled weight decay (AdamW) or L2 penalty (SGD) of the experts.
+        router_max_grad_norm: clip the gradient norm over all routers to this (empty: no clipping).
+        betas: AdamW's moment decay rates.
+        eps: AdamW's denominator term.
+        momentum: SGD's momentum.
+        reg: damping of the r x r preconditioner solves.
+        gate_floor: lower bound of an expert's mean squared gate (``gate_rescaled``).
+        bias_correction: AdamW's bias correction (the reference code runs without it).
+        b_from_updated_a: precondition ``B`` with the already updated ``A``, as the reference code does (AdamW).
+    """
+
+    name: OptimizerName = "adamw"
+    preconditioner: Preconditioner = "riemannian"
     lr: float = 2e-3
     router_lr: float | None = 3e-8
     weight_decay: float = 0.0
     router_max_grad_norm: float | None = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"only": "adamw"})
+    eps: float = field(default=1e-8, metadata={"only": "adamw"})
+    momentum: float = field(default=0.0, metadata={"only": "sgd"})
     reg: float = 1e-6
     gate_floor: float = 1e-4
-    bias_correction: bool = True
-    b_from_updated_a: bool = False
+    bias_correction: bool = field(default=True, metadata={"only": "adamw"})
+    b_from_updated_a: bool = field(default=False, metadata={"only": "adamw"})
 
 
 @dataclass
 class TrainConfig:
-    """The loop. ``batch_size`` is the global number of sequences per optimizer step."""
+    """The loop.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: sequences per optimizer step, over all processes and micro-batches.
+        grad_accum: micro-batches per step (``batch_size`` must be divisible by it).
+        warmup_steps: linear warm-up steps.
+        final_lr_ratio: the learning rate decays linearly to this fraction of the peak.
+        eval_every: validation every this many steps (0: none during training).
+        eval_examples: validation examples per evaluation.
+        save_every: checkpoint every this many steps (0: only at the end).
+        keep_checkpoints: keep this many newest checkpoints.
+        log_every: a ``metrics.jsonl`` line every this many steps.
+        seed: seed of the adapter's initialisation and of the data order.
+    """
 
     steps: int = 80
     batch_size: int = 8
@@ -107,9 +165,17 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: before training (zero-shot) and after."""
+    """Held-out evaluation: before training (zero-shot) and after.
 
-    method: str = "loglik"
+    Attributes:
+        method: ``loglik`` scores each option's log-likelihood; ``generate`` extracts the answer from
+            greedy output (encoders always use their classification head).
+        batch_size: sequences per evaluation batch.
+        zero_shot: evaluate the base model before training.
+        max_new_tokens: generated tokens per answer (``generate``).
+    """
+
+    method: LMEvalMethod = "loglik"
     batch_size: int = 32
     zero_shot: bool = True
     max_new_tokens: int = 10
@@ -117,10 +183,16 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    """A training run.
+
+    Attributes:
+        output_dir: the run folder.
+    """
+
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: MoELoRAConfig = field(default_factory=default_adapter)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -134,14 +206,21 @@ def _valid_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a (simple) type annotation, converting ints to floats where a float is due."""
+def _coerce(value: Any, annotation: Any, where: str, base: Any = None) -> Any:
+    """Check ``value`` against a (simple) type annotation, converting ints to floats where a float is due.
+
+    A nested dataclass is built on top of ``base``, its current value, so keys not given keep it.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {_valid_keys(annotation)}, got {value!r}")
-        return build(annotation, value, where)
+        return build(annotation, value, where, base)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -184,17 +263,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` listing the valid ones."""
+def build(cls: type, data: dict[str, Any], where: str = "", base: Any = None) -> Any:
+    """Dataclass ``cls`` from ``data`` on top of ``base`` (default: ``cls()``); unknown keys raise
+    ``ConfigError`` listing the valid ones, and so does a value the dataclass itself refuses."""
     hints = typing.get_type_hints(cls)
     valid = _valid_keys(cls)
+    base = cls() if base is None else base
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
         if key not in valid:
             raise ConfigError(f"unknown config key '{name}'; valid keys{' in ' + where if where else ''}: {', '.join(valid)}")
-        kwargs[key] = _coerce(value, hints[key], name)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], name, getattr(base, key))
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -211,16 +295,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
+def _nest(values: dict[str, Any], data: dict[str, Any] | None = None, what: str = "--set") -> dict[str, Any]:
+    """``{"optim.lr": 1e-3}`` -> ``{"optim": {"lr": 1e-3}}``, merged into ``data``."""
+    data = {} if data is None else data
+    for dotted, value in values.items():
+        path = dotted.split(".")
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: '{part}' is not a section")
+                raise ConfigError(f"{what} {dotted}: '{part}' is not a section")
             node = child
         node[path[-1]] = value
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        _nest({".".join(path): value}, data)
     return data
 
 
@@ -244,22 +337,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def replace_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with dotted-key ``values`` (``{"optim.lr": 1e-3}``) replaced, typed and
+    validated as ``load_config`` does; ``config`` itself is not modified."""
+    replaced = build(RunConfig, _nest(values, what="value"), base=config)
+    validate(replaced)
+    return replaced
+
+
 def validate(config: RunConfig) -> None:
     """Cross-field checks that the dataclass types cannot express."""
-    from ..config import MoELoRAConfig
-
-    try:
-        MoELoRAConfig(**dataclasses.asdict(config.adapter))
-    except ValueError as err:
-        raise ConfigError(f"adapter: {err}") from None
-    if config.optim.name not in ("adamw", "sgd"):
-        raise ConfigError(f"optim.name must be 'adamw' or 'sgd', got {config.optim.name!r}")
-    if config.optim.preconditioner not in ("none", "riemannian", "gate_rescaled"):
-        raise ConfigError(
-            f"optim.preconditioner must be 'none', 'riemannian' or 'gate_rescaled', got {config.optim.preconditioner!r}"
-        )
-    if config.eval.method not in ("loglik", "generate"):
-        raise ConfigError(f"eval.method must be 'loglik' or 'generate', got {config.eval.method!r}")
+    optim = config.optim
+    defaults = OptimConfig()
+    for f in dataclasses.fields(OptimConfig):
+        only = f.metadata.get("only")
+        if only and only != optim.name and getattr(optim, f.name) != getattr(defaults, f.name):
+            raise ConfigError(
+                f"optim.{f.name} applies only to optim.name={only}, but this run uses optim.name={optim.name}: "
+                f"remove optim.{f.name} (or set optim.name={only})"
+            )
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(config.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(config.train, name)}")
@@ -267,11 +363,77 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) must be divisible by train.grad_accum ({config.train.grad_accum})"
         )
-    if config.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {config.optim.lr}")
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {optim.lr}")
     if not 0 <= config.train.final_lr_ratio <= 1:
         raise ConfigError(f"train.final_lr_ratio must be in [0, 1], got {config.train.final_lr_ratio}")
 
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------- documentation
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{attribute: first sentence}`` from the ``Attributes:`` block of ``cls``'s docstring."""
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    block = doc.split("Attributes:", 1)[1]
+    docs: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current and line.startswith("        "):
+            docs[current] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    def plain(text: str) -> str:  # reST literals to plain quotes
+        return text.replace('``"', '"').replace('"``', '"').replace("``", "'")
+
+    return {key: re.split(r"(?<!e\.g)(?<!i\.e)(?<=[.;])\s", plain(text), maxsplit=1)[0].rstrip(".;") for key, text in docs.items()}
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict or annotation is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_keys(cls: type = RunConfig, prefix: str = "", base: Any = None) -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, doc)`` of every key of the run configuration, in section order."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key, value = prefix + f.name, getattr(base, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_keys(hints[f.name], key + ".", value)
+            continue
+        doc = docs.get(f.name, "")
+        if f.metadata.get("only"):
+            doc += f" (optim.name={f.metadata['only']} only)"
+        rows.append((key, _type_name(hints[f.name]), yaml.safe_dump(value, default_flow_style=True).strip()
+                     .removesuffix("...").strip(), doc))
+    return rows
+
+
+def format_keys() -> str:
+    """The ``--help`` table of every configuration key."""
+    lines = []
+    for key, type_name, default, doc in describe_keys():
+        lines.append(f"  {key} ({type_name}; default {default})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)

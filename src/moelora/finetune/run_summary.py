@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from .eval import EvalResult, paired_bootstrap_difference
 from .run_config import RunConfig
 
 
@@ -25,11 +26,16 @@ def _fmt(result: dict | None) -> str:
     return f"{100 * result['value']:.1f} % (95 % CI {100 * low:.1f} – {100 * high:.1f}, n = {result.get('n')})"
 
 
-def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: dict | None, final: dict,
+def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: EvalResult | None, final: EvalResult,
                  train_time_s: float, last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
-    """Write the summary files and plots of a finished run; returns the summary."""
-    from .eval import paired_bootstrap_difference
+    """Write the summary files and plots of a finished run; returns the summary (``summary.json``)."""
+    return _write(run_dir, config, runtime, zero_shot.to_dict() if zero_shot is not None else None,
+                  final.to_dict(), train_time_s, last_loss, router, resumed_from)
 
+
+def _write(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, final: dict, train_time_s: float,
+           last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
+    """``write_report`` on the JSON forms of the evaluations (what ``summary.json`` stores)."""
     difference = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):
         diff, low, high = paired_bootstrap_difference(final["correct"], zero_shot["correct"], seed=config.train.seed)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example, TaskData, load_task
+from .errors import ConfigError
 from .run_config import RunConfig
 from .base_models import is_encoder
+
+if TYPE_CHECKING:
+    from .eval import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class TaskRuntime:
         )
         encoder = is_encoder(config.model.name)
         if task.kind == "regression" and not encoder:
-            raise ValueError(
+            raise ConfigError(
                 f"task {task.name!r} is a regression task; train it with an encoder (model.name: minilm)"
             )
         return cls(config=config, task=task, encoder=encoder)
@@ -53,7 +57,7 @@ class TaskRuntime:
         if self.encoder:
             head = getattr(model, "classifier", None) or getattr(model, "score", None)
             if head is None:
-                raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
+                raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
             head.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------ training data
@@ -73,19 +77,18 @@ class TaskRuntime:
         return {"inputs": inputs, "n_targets": n_targets, "n_tokens": int(inputs["attention_mask"].sum())}
 
     # ------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, examples: list[Example], progress: bool = False, label: str = "eval") -> dict[str, Any]:
-        """``moelora.finetune.eval.evaluate`` on ``examples`` with the run's settings, as a JSON-ready dict."""
+    def evaluate(self, examples: list[Example], progress: bool = False, label: str = "eval") -> EvalResult:
+        """``moelora.finetune.eval.evaluate`` on ``examples`` with the run's settings."""
         from .eval import evaluate
 
-        result = evaluate(
+        return evaluate(
             self.model, self.tokenizer, self.task, examples, method="classifier" if self.encoder else self.config.eval.method,
             batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,
             max_length=self.config.data.max_length, progress=progress, desc=label,
         )
-        return result.to_dict()
 
-    def evaluate_test(self, progress: bool = True, label: str = "test") -> dict[str, Any]:
+    def evaluate_test(self, progress: bool = True, label: str = "test") -> EvalResult:
         return self.evaluate(self.task.test, progress, label)
 
-    def evaluate_validation(self, progress: bool = False) -> dict[str, Any]:
+    def evaluate_validation(self, progress: bool = False) -> EvalResult:
         return self.evaluate(self.task.validation[: self.config.train.eval_examples], progress, "validation")

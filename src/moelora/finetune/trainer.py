@@ -1,4 +1,15 @@
-"""The training loop: one readable function from a ``RunConfig`` to a finished run folder.
+"""The trainer: from a ``RunConfig`` to a finished run folder, in three steps.
+
+    trainer = Trainer(config, callbacks=[...])
+    result = trainer.run()            # = setup(), fit(), evaluate()
+
+- ``setup(resume)``: the run folder, the task, the base model (and its zero-shot evaluation), the
+  adapter, the optimizer and schedule, and, when resuming, the last checkpoint;
+- ``fit()``: the optimizer steps, with logging, periodic validation and checkpoints;
+- ``evaluate(test=True)``: the final checkpoint and adapter, the final validation and held-out test
+  evaluations, the summary; returns a ``TrainResult``.
+
+Callbacks (``TrainerCallback``) see every log record, evaluation and checkpoint on the main process.
 
 Run folder (only process 0 writes):
 
@@ -18,32 +29,73 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir, write_text_atomic
-from ..config import MoELoRAConfig
-from ..diagnostics import router_stats
 from ..adapter import load_adapter_weights, save_adapter
+from ..atomic import atomic_dir, write_text_atomic
+from ..diagnostics import router_stats
 from ..inject import wrap
 from . import checkpoint as ckpt
-from .batching import StepBatches
-from .run_config import RunConfig, dump_config
-from .distributed import DistributedContext, init_distributed, shutdown_distributed
-from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
 from .base_models import load_base_for_run
+from .batching import StepBatches
+from .distributed import DistributedContext, init_distributed, shutdown_distributed
+from .errors import TrainingError
+from .eval import EvalResult
+from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
 from .optimizers import build_optimizer
+from .run_config import RunConfig, dump_config
 from .schedule import build_scheduler
 from .tasks import TaskRuntime
+
+__all__ = ["TrainResult", "Trainer", "TrainerCallback", "TrainingError"]
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, incompatible resume, ...); the message says why."""
+class TrainerCallback:
+    """Hooks into a ``Trainer``; override the ones you need. Called on the main process only."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """A record was appended to ``metrics.jsonl`` (training, validation or test event)."""
+
+    def on_eval(self, trainer: Trainer, split: str, step: int, result: EvalResult) -> None:
+        """An evaluation finished: ``split`` is ``"zero-shot"``, ``"validation"`` or ``"test"``."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        """A checkpoint was written to ``path``."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (on processes other than the main one, ``summary`` is empty and the
+    evaluations are ``None``).
+
+    Attributes:
+        run_dir: the run folder.
+        steps: optimizer steps of the finished run.
+        resumed_from: the step the last sitting started from (``None`` for an uninterrupted run).
+        train_time_s: seconds spent in ``fit`` in the last sitting.
+        final_train_loss: the training loss of the last step.
+        zero_shot: the base model's held-out evaluation, when configured.
+        validation: the final validation evaluation, when ``train.eval_every`` is set.
+        test: the fine-tuned model's held-out evaluation (``None`` after ``evaluate(test=False)``).
+        summary: the contents of ``summary.json``.
+    """
+
+    run_dir: Path
+    steps: int
+    resumed_from: int | None
+    train_time_s: float
+    final_train_loss: float
+    zero_shot: EvalResult | None
+    validation: EvalResult | None
+    test: EvalResult | None
+    summary: dict[str, Any]
 
 
 def _identity(config: RunConfig) -> dict[str, Any]:
@@ -65,16 +117,116 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-class Trainer:
-    """Fine-tunes ``config.model`` on ``config.data`` with a MoE-LoRA adapter; see ``run``."""
+def _metric_fields(result: EvalResult) -> dict[str, Any]:
+    return {k: v for k, v in result.to_dict(per_example=False).items() if k in ("metric", "value", "interval", "n")}
 
-    def __init__(self, config: RunConfig, progress: bool = True) -> None:
+
+class _LossWindow:
+    """The logged loss: the token-weighted mean over the steps since the previous log line."""
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.tokens, self.loss_sum, self.targets, self.start = 0, 0.0, 0, now
+
+    def add(self, loss: float, targets: int, tokens: int) -> None:
+        self.loss_sum += loss * targets
+        self.targets += targets
+        self.tokens += tokens
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.targets
+
+
+class Trainer:
+    """Fine-tunes ``config.model`` on ``config.data`` with a MoE-LoRA adapter; see the module docstring."""
+
+    def __init__(self, config: RunConfig, progress: bool = True,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
         self.config = config
         self.progress = progress
+        self.callbacks = list(callbacks)
         self.run_dir = Path(config.output_dir)
         self.ctx: DistributedContext = DistributedContext()
+        self._distributed = False
+        # set by setup()
+        self.runtime: TaskRuntime | None = None
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.start_step = 0
+        self.zero_shot: EvalResult | None = None
+        self._loss_module: nn.Module | None = None
+        self._plan: StepBatches | None = None
+        self._train_time = 0.0
+        self._last_loss = float("nan")
 
-    # ------------------------------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------------------------- the whole run
+    def run(self, resume: bool = False) -> TrainResult:
+        """Train (or continue training) and evaluate: ``setup``, ``fit``, ``evaluate``."""
+        try:
+            self.setup(resume)
+            self.fit()
+            return self.evaluate()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the process group that ``setup`` joined (a no-op for a single process)."""
+        if self._distributed:
+            shutdown_distributed(self.ctx)
+            self._distributed = False
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self, resume: bool = False) -> None:
+        """Everything before the first step; under ``torchrun`` this joins the process group."""
+        cfg = self.config
+        if not self._distributed:
+            self.ctx, self._distributed = init_distributed(), True
+        ctx, tcfg = self.ctx, cfg.train
+        micro_size = tcfg.batch_size // tcfg.grad_accum
+        if micro_size < ctx.world_size:
+            raise TrainingError(
+                f"each micro-batch ({micro_size} = batch_size / grad_accum) must have at least one example per "
+                f"process ({ctx.world_size} processes)"
+            )
+        self.start_step, resume_from = self._prepare_run_dir(resume)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is not None:
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+            self._write("config.yaml", dump_config(cfg))
+        torch.manual_seed(tcfg.seed)
+
+        runtime = self.runtime = TaskRuntime.load(cfg)
+        model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels)
+        self.model = model
+        runtime.attach(model, self.tokenizer)
+        self.zero_shot = self._zero_shot()
+
+        wrap(model, dataclasses.replace(cfg.adapter))
+        runtime.after_wrap(model)
+        if cfg.model.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+            logger.info("resumed from %s (step %d)", resume_from, self.start_step)
+
+        loss_module: nn.Module = (SequenceClassificationLoss if runtime.encoder else CausalLMAnswerLoss)(model)
+        if ctx.enabled:
+            loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=False)
+        self._loss_module = loss_module
+        self._plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
+
     def _prepare_run_dir(self, resume: bool) -> tuple[int, Path | None]:
         """Check the folder against ``resume``; returns the step to start from and its checkpoint."""
         checkpoints = ckpt.list_checkpoints(self.run_dir / "checkpoints")
@@ -98,18 +250,153 @@ class Trainer:
                 )
         return step, path
 
-    def _write(self, name: str, text: str) -> None:
-        if self.ctx.is_main:
-            write_text_atomic(self.run_dir / name, text)
+    def _zero_shot(self) -> EvalResult | None:
+        """The base model's held-out evaluation: computed once, then kept in the run folder across resumes."""
+        assert self.runtime is not None
+        if not self.config.eval.zero_shot or self.runtime.encoder:
+            return None
+        path = self.run_dir / "eval_zero_shot.json"
+        result = None
+        if path.is_file():
+            result = EvalResult.from_dict(json.loads(path.read_text()))
+        elif self.ctx.is_main:
+            result = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="zero-shot")
+            self._write("eval_zero_shot.json", json.dumps(result.to_dict()))
+            self._notify_eval("zero-shot", 0, result)
+        self.ctx.barrier()
+        return result
 
-    def _log(self, record: dict) -> None:
+    # ------------------------------------------------------------------------------------------- fit
+    def fit(self) -> None:
+        """The optimizer steps from ``start_step`` to ``train.steps``."""
+        if self.model is None:
+            raise TrainingError("Trainer.fit() needs Trainer.setup() first")
+        tcfg, ctx = self.config.train, self.ctx
+        self.model.train()
+        bar = None
+        if self.progress and ctx.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tcfg.steps, initial=self.start_step, desc="train", dynamic_ncols=True)
+        train_start = time.perf_counter()
+        window = _LossWindow()
+        for step in range(self.start_step, tcfg.steps):
+            loss, targets, tokens = self._train_step(step)
+            window.add(loss, targets, tokens)
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                self._log_training(done, loss, window, bar)
+            if bar is not None:
+                bar.update(1)
+            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+                if ctx.is_main:
+                    self._validate(done)
+                    self.model.train()
+                ctx.barrier()
+            if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
+                self._save_checkpoint(done)
+        if bar is not None:
+            bar.close()
+        self._train_time = time.perf_counter() - train_start
+
+    def _train_step(self, step: int) -> tuple[float, int, int]:
+        """One optimizer step; returns (mean loss over the global batch, target count, token count)."""
+        assert self.runtime is not None and self._plan is not None and self._loss_module is not None
+        assert self.optimizer is not None
+        ctx, loss_module = self.ctx, self._loss_module
+        micro_batches = [self.runtime.collate_train(ids)
+                         for ids in self._plan.micro_batches(step, ctx.rank, ctx.world_size)]
+        local_targets = sum(int(b["n_targets"]) for b in micro_batches)
+        total_targets = int(ctx.sum(torch.tensor(float(local_targets))).item())
+        loss_total = torch.zeros(())
+        tokens = 0
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            context = loss_module.no_sync() if ctx.enabled and not sync else contextlib.nullcontext()
+            with context:
+                loss_sum, _ = loss_module(**batch["inputs"])
+                # DDP averages gradients over processes, hence the world-size factor: the result is the
+                # mean over every target token of the global batch.
+                (loss_sum * (ctx.world_size / total_targets)).backward()
+            loss_total += loss_sum.detach()
+            tokens += int(batch["n_tokens"])
+        loss_value = float(ctx.sum(loss_total)) / total_targets
+        if not math.isfinite(loss_value):
+            last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            raise TrainingError(
+                f"non-finite training loss ({loss_value}) at step {step + 1}; stopping ({where}). "
+                f"Try a lower optim.lr or optim.router_lr."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last_loss = loss_value
+        return loss_value, total_targets, tokens
+
+    def _log_training(self, done: int, loss: float, window: _LossWindow, bar: Any) -> None:
+        assert self.optimizer is not None and self.model is not None
+        now = time.perf_counter()
+        tokens_per_s = float(self.ctx.sum(torch.tensor(float(window.tokens)))) / max(now - window.start, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"step": done, "loss": window.mean_loss, "last_step_loss": loss, "lr": lr,
+                                  "tokens_per_s": tokens_per_s}
+        window.reset(now)
+        entropies = [s["gate_entropy"] for s in router_stats(self.model).values()]
+        if entropies:
+            record["gate_entropy"] = sum(entropies) / len(entropies)
+        self._log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+    def _validate(self, step: int) -> EvalResult:
+        assert self.runtime is not None
+        examples = self.runtime.task.validation[: self.config.train.eval_examples]
+        result = self.runtime.evaluate(examples, progress=False, label="validation")
+        self._log({"step": step, "split": "validation", **_metric_fields(result)})
+        self._notify_eval("validation", step, result)
+        return result
+
+    # -------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, test: bool = True) -> TrainResult:
+        """Final checkpoint and adapter, final validation (when ``train.eval_every`` is set) and, with
+        ``test``, the held-out test evaluation; then the summary files. Returns the ``TrainResult``."""
+        if self.model is None or self.runtime is None:
+            raise TrainingError("Trainer.evaluate() needs Trainer.setup() and Trainer.fit() first")
+        steps = self.config.train.steps
+        validation = final = None
+        summary: dict[str, Any] = {}
         if self.ctx.is_main:
-            _append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self._save_checkpoint(steps)
+            save_adapter(self.model, self.run_dir / "adapter")
+            validation = self._validate(steps) if self.config.train.eval_every else None
+            if test:
+                final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="fine-tuned")
+                self._log({"step": steps, "split": "test", **_metric_fields(final)})
+                self._notify_eval("test", steps, final)
+            reported = final or validation
+            if reported is not None:
+                from .run_summary import write_report
+
+                summary = write_report(
+                    self.run_dir, self.config, self.runtime, zero_shot=self.zero_shot, final=reported,
+                    train_time_s=self._train_time, last_loss=self._last_loss, router=router_stats(self.model),
+                    resumed_from=self.start_step or None,
+                )
+        self.ctx.barrier()
+        return TrainResult(
+            run_dir=self.run_dir, steps=steps, resumed_from=self.start_step or None, train_time_s=self._train_time,
+            final_train_loss=self._last_loss, zero_shot=self.zero_shot, validation=validation, test=final,
+            summary=summary,
+        )
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, step: int, model, optimizer, scheduler) -> None:
+    def _save_checkpoint(self, step: int) -> None:
         if not self.ctx.is_main:
             return
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        assert model is not None and optimizer is not None
+
         def fill(folder: Path) -> None:
             save_adapter(model, folder / "adapter")
             ckpt.save_other_trainable(model, folder)
@@ -120,165 +407,31 @@ class Trainer:
             )
 
         folder = self.run_dir / "checkpoints"
-        atomic_dir(folder / f"step-{step:06d}", fill)
+        path = atomic_dir(folder / f"step-{step:06d}", fill)
         ckpt.prune_checkpoints(folder, self.config.train.keep_checkpoints)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, step, path)
 
-    def _load_checkpoint(self, path: Path, model, optimizer, scheduler) -> None:
-        load_adapter_weights(model, path / "adapter")
-        ckpt.load_other_trainable(model, path)
-        optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
+    def _load_checkpoint(self, path: Path) -> None:
+        assert self.model is not None and self.optimizer is not None
+        load_adapter_weights(self.model, path / "adapter")
+        ckpt.load_other_trainable(self.model, path)
+        self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         loop_state = ckpt.load_state(path, "loop_state")
-        scheduler.load_state_dict(loop_state["scheduler"])
+        self.scheduler.load_state_dict(loop_state["scheduler"])
         ckpt.set_rng_state(loop_state["rng"])
 
-    # ------------------------------------------------------------------------------------------- run
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        """Train (or continue training) and evaluate; returns the summary (on every process)."""
-        self.ctx = init_distributed()
-        try:
-            return self._run(resume)
-        finally:
-            shutdown_distributed(self.ctx)
+    # --------------------------------------------------------------------------------------- output
+    def _write(self, name: str, text: str) -> None:
+        if self.ctx.is_main:
+            write_text_atomic(self.run_dir / name, text)
 
-    def _run(self, resume: bool) -> dict[str, Any]:
-        cfg, ctx = self.config, self.ctx
-        tcfg = cfg.train
-        micro_size = tcfg.batch_size // tcfg.grad_accum
-        if micro_size < ctx.world_size:
-            raise TrainingError(
-                f"each micro-batch ({micro_size} = batch_size / grad_accum) must have at least one example per "
-                f"process ({ctx.world_size} processes)"
-            )
-        start_step, resume_from = self._prepare_run_dir(resume)
-        if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_from is not None:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
-            self._write("config.yaml", dump_config(cfg))
-        torch.manual_seed(tcfg.seed)
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            _append_jsonl(self.run_dir / "metrics.jsonl", record)
+            for callback in self.callbacks:
+                callback.on_log(self, record)
 
-        runtime = TaskRuntime.load(cfg)
-        model, tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels)
-        runtime.attach(model, tokenizer)
-
-        zero_shot = None
-        zero_shot_path = self.run_dir / "eval_zero_shot.json"
-        if cfg.eval.zero_shot and not runtime.encoder:
-            if zero_shot_path.is_file():
-                zero_shot = json.loads(zero_shot_path.read_text())
-            elif ctx.is_main:
-                zero_shot = runtime.evaluate_test(progress=self.progress, label="zero-shot")
-                self._write("eval_zero_shot.json", json.dumps(zero_shot))
-            ctx.barrier()
-
-        wrap(model, MoELoRAConfig(**dataclasses.asdict(cfg.adapter)))
-        runtime.after_wrap(model)
-        if cfg.model.gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
-        if resume_from is not None:
-            self._load_checkpoint(resume_from, model, optimizer, scheduler)
-            logger.info("resumed from %s (step %d)", resume_from, start_step)
-
-        loss_module: nn.Module = (SequenceClassificationLoss if runtime.encoder else CausalLMAnswerLoss)(model)
-        if ctx.enabled:
-            loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=False)
-        plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
-
-        model.train()
-        bar = None
-        if self.progress and ctx.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
-        train_start = time.perf_counter()
-        # Logged loss: the token-weighted mean over the steps since the previous log line.
-        window_tokens, window_loss, window_targets, window_start = 0, 0.0, 0, time.perf_counter()
-        last_loss = float("nan")
-        for step in range(start_step, tcfg.steps):
-            micro_batches = [runtime.collate_train(ids) for ids in plan.micro_batches(step, ctx.rank, ctx.world_size)]
-            local_targets = sum(int(b["n_targets"]) for b in micro_batches)
-            total_targets = int(ctx.sum(torch.tensor(float(local_targets))).item())
-            loss_total = torch.zeros(())
-            for i, batch in enumerate(micro_batches):
-                sync = i == len(micro_batches) - 1
-                context = loss_module.no_sync() if ctx.enabled and not sync else contextlib.nullcontext()
-                with context:
-                    loss_sum, _ = loss_module(**batch["inputs"])
-                    # DDP averages gradients over processes, hence the world-size factor: the result is
-                    # the mean over every target token of the global batch.
-                    (loss_sum * (ctx.world_size / total_targets)).backward()
-                loss_total += loss_sum.detach()
-                window_tokens += int(batch["n_tokens"])
-            loss_value = float(ctx.sum(loss_total)) / total_targets
-            if not math.isfinite(loss_value):
-                last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"non-finite training loss ({loss_value}) at step {step + 1}; stopping ({where}). "
-                    f"Try a lower optim.lr or optim.router_lr."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = loss_value
-            window_loss += loss_value * total_targets
-            window_targets += total_targets
-            done = step + 1
-
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
-                now = time.perf_counter()
-                tokens_per_s = float(ctx.sum(torch.tensor(float(window_tokens)))) / max(now - window_start, 1e-9)
-                lr = optimizer.param_groups[0]["lr"]
-                mean_loss = window_loss / window_targets
-                record = {"step": done, "loss": mean_loss, "last_step_loss": loss_value, "lr": lr,
-                          "tokens_per_s": tokens_per_s}
-                window_tokens, window_loss, window_targets, window_start = 0, 0.0, 0, now
-                entropies = [s["gate_entropy"] for s in router_stats(model).values()]
-                if entropies:
-                    record["gate_entropy"] = sum(entropies) / len(entropies)
-                self._log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-            if bar is not None:
-                bar.update(1)
-            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                if ctx.is_main:
-                    result = runtime.evaluate_validation(progress=False)
-                    self._log({"step": done, "split": "validation", **_metric_fields(result)})
-                    model.train()
-                ctx.barrier()
-            if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
-                self._save_checkpoint(done, model, optimizer, scheduler)
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - train_start
-
-        summary: dict[str, Any] = {}
-        if ctx.is_main:
-            self._save_checkpoint(tcfg.steps, model, optimizer, scheduler)
-            save_adapter(model, self.run_dir / "adapter")
-            validation = runtime.evaluate_validation(progress=False) if tcfg.eval_every else None
-            if validation is not None:
-                self._log({"step": tcfg.steps, "split": "validation", **_metric_fields(validation)})
-            final = runtime.evaluate_test(progress=self.progress, label="fine-tuned")
-            self._log({"step": tcfg.steps, "split": "test", **_metric_fields(final)})
-            from .run_summary import write_report
-
-            summary = write_report(
-                self.run_dir, cfg, runtime, zero_shot=zero_shot, final=final, train_time_s=train_time,
-                last_loss=last_loss, router=router_stats(model), resumed_from=start_step or None,
-            )
-        ctx.barrier()
-        return summary
-
-
-def _metric_fields(result: dict) -> dict:
-    return {k: result[k] for k in ("metric", "value", "interval", "n") if k in result}
-
-
+    def _notify_eval(self, split: str, step: int, result: EvalResult) -> None:
+        for callback in self.callbacks:
+            callback.on_eval(self, split, step, result)

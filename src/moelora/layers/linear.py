@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from ..config import EXPERT_COMPUTE
+from ..errors import ConfigError
 from .dropout import keep_mask, keep_probability, mask_values
 from .projection import InputProjection
 from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
-from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_supported
+from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
 
 # Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
 # optimizer can find a pair's gate statistics from a plain parameter group.
@@ -167,7 +168,11 @@ class MoELoRALinear(nn.Module):
         self.gate_backward_power = float(gate_backward_power)
         self.track_router_stats = track_router_stats
         if expert_compute not in EXPERT_COMPUTE:
-            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {expert_compute!r}")
+            raise ConfigError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {expert_compute!r}")
+        if expert_compute == "sparse":
+            problem = sparse_shape_problem(rank, self.in_features, self.out_features)
+            if problem is not None:
+                raise ConfigError(f"expert_compute='sparse' cannot run: {problem}; use 'auto' or 'dense'")
         self.expert_compute = expert_compute
 
         weight = getattr(base_layer, "weight", None)
@@ -253,7 +258,7 @@ class MoELoRALinear(nn.Module):
         device = tokens.device if tokens is not None else self.lora_A.device
         reason = sparse_supported(self.lora_A.dtype, device, self.rank, self.in_features, self.out_features)
         if self.expert_compute == "sparse" and reason is not None:
-            raise RuntimeError(f"expert_compute='sparse' cannot run: {reason}; use 'auto' or 'dense'")
+            raise ConfigError(f"expert_compute='sparse' cannot run: {reason}; use 'auto' or 'dense'")
         return reason is None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

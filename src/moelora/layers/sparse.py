@@ -47,16 +47,31 @@ def sparse_is_cheaper(num_experts: int, top_k: int, rank: int) -> bool:
     return num_experts * rank >= SPARSE_MIN_COLUMNS_PER_SELECTED * top_k
 
 
-def sparse_supported(dtype: torch.dtype, device: torch.device, rank: int, d_in: int, d_out: int) -> str | None:
-    """None when the sparse form can run, else the reason it cannot (for an error message)."""
+# torch._grouped_mm on CPU takes float32 rows of a multiple of 16 bytes.
+ROW_MULTIPLE = 4
+
+
+def sparse_shape_problem(rank: int, d_in: int | None = None, d_out: int | None = None) -> str | None:
+    """None when the sparse form can run at these shapes (on some device and dtype), else the reason."""
     if not hasattr(torch, "_grouped_mm"):
         return f"this torch ({torch.__version__}) has no torch._grouped_mm"
+    sizes = {"rank": rank, "d_in": d_in, "d_out": d_out}
+    bad = {name: size for name, size in sizes.items() if size is not None and size % ROW_MULTIPLE}
+    if bad:
+        return (f"{', '.join(bad)} must be multiples of {ROW_MULTIPLE} (16-byte rows), "
+                f"got {', '.join(f'{k}={v}' for k, v in bad.items())}")
+    return None
+
+
+def sparse_supported(dtype: torch.dtype, device: torch.device, rank: int, d_in: int, d_out: int) -> str | None:
+    """None when the sparse form can run, else the reason it cannot (for an error message)."""
+    shape_problem = sparse_shape_problem(rank, d_in, d_out)
+    if shape_problem is not None:
+        return shape_problem
     if device.type != "cpu":
         return f"the sparse form is implemented for CPU tensors, got {device.type}"
     if dtype != torch.float32:
         return f"torch._grouped_mm on CPU takes float32 here, the adapter is {dtype}"
-    if rank % 4 or d_in % 4 or d_out % 4:
-        return f"rank, d_in and d_out must be multiples of 4 (16-byte rows), got {rank}, {d_in}, {d_out}"
     return None
 
 

@@ -26,13 +26,13 @@ from typing import Sequence
 
 import torch
 
+from ..config import PRECONDITIONERS, Preconditioner
 from ..layers.linear import MoELoRALinear
 from .groups import SIDE_A, ExpertFactor
 
-NONE = "none"
-RIEMANNIAN = "riemannian"
-GATE_RESCALED = "gate_rescaled"
-PRECONDITIONERS = (NONE, RIEMANNIAN, GATE_RESCALED)
+NONE: Preconditioner = "none"
+RIEMANNIAN: Preconditioner = "riemannian"
+GATE_RESCALED: Preconditioner = "gate_rescaled"
 
 
 class PreconditionerWarning(RuntimeWarning):

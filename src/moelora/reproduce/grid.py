@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
+
 SWEEP_SEED = 1000  # the sweep uses its own seeds (1000, 1001, ...): no reported run is one its rate was picked on
 
 SWEEP = "sweep"
@@ -214,10 +216,10 @@ def build_grid(quick: bool = False, tasks: list[str] | None = None, seeds: int =
     if tasks:
         unknown = [t for t in tasks if t not in available]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(available)}")
+            raise ConfigError(f"unknown task(s) {unknown}; choose from {', '.join(available)}")
         available = {k: v for k, v in available.items() if k in tasks}
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     return Grid(tasks=available, seeds=tuple(range(seeds)), quick=quick)
 
 

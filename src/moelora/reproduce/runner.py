@@ -19,7 +19,6 @@ cleared and run again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -125,60 +124,40 @@ def _run_synthetic(spec: TaskSpec, cell: Cell, folder: Path) -> dict[str, Any]:
     return summary
 
 
-@contextlib.contextmanager
-def _capture_evaluations(folder: Path, sweep: bool):
-    """During one ``Trainer`` run: keep the held-out result with its per-example correctness
-    (``test_result.json``); in a sweep, skip the test split and report the final validation result."""
-    from ..finetune.tasks import TaskRuntime
+def _trainer_callback(folder: Path):
+    """Keeps the held-out test result with its per-example correctness (``test_result.json``)."""
+    from ..finetune.trainer import TrainerCallback
 
-    original_test, original_validation = TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation
-    last: dict[str, Any] = {}
+    class KeepTestResult(TrainerCallback):
+        def on_eval(self, trainer, split, step, result) -> None:
+            if split == "test":
+                _write_json(folder / "test_result.json", result.to_dict())
 
-    def validation(self, progress: bool = False):
-        last["result"] = original_validation(self, progress)
-        return last["result"]
-
-    def test(self, progress: bool = True, label: str = "test"):
-        if sweep and "result" in last:
-            return last["result"]
-        result = original_test(self, False, label)
-        _write_json(folder / "test_result.json", result)
-        return result
-
-    TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation = test, validation
-    try:
-        yield
-    finally:
-        TaskRuntime.evaluate_test, TaskRuntime.evaluate_validation = original_test, original_validation
-
-
-def _as_override(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value)}"
+    return KeepTestResult()
 
 
 def _run_trainer(spec: TaskSpec, cell: Cell, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    from ..finetune.run_config import load_config
+    """One real-model run through ``Trainer``; a sweep run stops at the final validation (the test split
+    is never looked at), a main run also evaluates on the test split."""
+    from ..finetune.run_config import RunConfig, replace_values
     from ..finetune.trainer import Trainer
 
     values = {k: v for k, v in settings.items() if k not in ("kind", "stage")}
-    overrides = [_as_override(k, v) for k, v in values.items()] + [_as_override("output_dir", str(folder))]
-    config = load_config(None, overrides)
-    with _capture_evaluations(folder, sweep=cell.stage == SWEEP):
-        summary = Trainer(config, progress=False).run(resume=False)
-    out = {"validation": _last_validation(folder), "train_time_s": summary.get("train_time_s"),
-           "final_train_loss": summary.get("final_train_loss")}
-    if cell.stage == MAIN:
-        out["test"] = summary["fine_tuned"]["value"]
-        out["test_interval"] = summary["fine_tuned"].get("interval")
-        out["test_n"] = summary["fine_tuned"].get("n")
+    config = replace_values(RunConfig(), {**values, "output_dir": str(folder)})
+    trainer = Trainer(config, progress=False, callbacks=[_trainer_callback(folder)])
+    try:
+        trainer.setup()
+        trainer.fit()
+        result = trainer.evaluate(test=cell.stage == MAIN)
+    finally:
+        trainer.close()
+    out: dict[str, Any] = {"validation": result.validation.value if result.validation else None,
+                           "train_time_s": result.train_time_s, "final_train_loss": result.final_train_loss}
+    if result.test is not None:
+        out["test"] = result.test.value
+        out["test_interval"] = [result.test.interval.low, result.test.interval.high] if result.test.interval else None
+        out["test_n"] = result.test.n
     return out
-
-
-def _last_validation(folder: Path) -> float | None:
-    path = folder / "metrics.jsonl"
-    values = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    values = [v["value"] for v in values if v.get("split") == "validation"]
-    return values[-1] if values else None
 
 
 def zero_shot_dir(cache: Path, spec: TaskSpec) -> Path:
@@ -189,23 +168,21 @@ def zero_shot_dir(cache: Path, spec: TaskSpec) -> Path:
 
 def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
     """The base model (no adapter) on the held-out test split and on the validation curve's examples."""
-    from ..finetune.run_config import load_config
     from ..finetune.base_models import load_model_and_tokenizer
+    from ..finetune.run_config import RunConfig, replace_values
     from ..finetune.tasks import TaskRuntime
 
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = [_as_override(k, v) for k, v in spec.overrides.items()]
-    overrides += [_as_override("data.max_eval", max(spec.test_examples, spec.curve_examples)),
-                  _as_override("train.eval_examples", spec.curve_examples)]
-    config = load_config(None, overrides)
+    config = replace_values(RunConfig(), {**spec.overrides, "data.max_eval": max(spec.test_examples, spec.curve_examples),
+                                          "train.eval_examples": spec.curve_examples})
     runtime = TaskRuntime.load(config)
     model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype, config.model.random_config)
     runtime.attach(model, tokenizer)
-    test = runtime.evaluate_test(progress=False, label="zero-shot")
+    test = runtime.evaluate_test(progress=False, label="zero-shot").to_dict()
     validation = runtime.evaluate_validation(progress=False)
     _write_json(folder / "test_result.json", test)
     summary = {"test": test["value"], "test_interval": test["interval"], "test_n": test["n"],
-               "validation": validation["value"], "validation_n": validation["n"]}
+               "validation": validation.value, "validation_n": validation.n}
     _write_json(folder / "summary.json", summary)
     return summary
 

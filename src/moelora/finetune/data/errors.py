@@ -1,6 +1,6 @@
 """Errors raised while loading data.
 
-Every error is a ``ValueError`` subclass (``DataFileNotFoundError`` is also a ``FileNotFoundError``) whose
+Every error is a ``moelora.MoELoRAError`` and ``ValueError`` subclass (``DataFileNotFoundError`` is also a ``FileNotFoundError``) whose
 message says what was wrong, where (file and line when there is one) and what to do about it.
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...errors import MoELoRAError
 
-class DataError(ValueError):
+
+class DataError(MoELoRAError, ValueError):
     """Base class of all data errors."""
 
 

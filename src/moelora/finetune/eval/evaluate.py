@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...errors import ConfigError
 from ..data.collate import EncoderCollator
 from ..data.example import Example, TaskData
 from .generation import extract_answer, generate_texts
@@ -21,7 +22,11 @@ from .scoring import score_options
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("loglik", "generate", "classifier")
+# How a causal LM is evaluated: option log-likelihood, or generation with answer extraction.
+LMEvalMethod = Literal["loglik", "generate"]
+# ... and an encoder, through its classification head.
+EvalMethod = Literal[LMEvalMethod, "classifier"]
+EVAL_METHODS: tuple[str, ...] = get_args(EvalMethod)
 
 
 @dataclass
@@ -81,6 +86,17 @@ class EvalResult:
             if self.generations is not None:
                 out["generations"] = list(self.generations)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        """The inverse of ``to_dict`` (per-example scores are not stored, so they come back as ``None``)."""
+        interval = data.get("interval")
+        return cls(
+            task=data["task"], method=data["method"], metric=data["metric"], value=data["value"],
+            interval=None if interval is None else Interval(interval[0], interval[1], data.get("confidence") or 0.95),
+            predictions=list(data.get("predictions") or []), labels=list(data.get("labels") or []),
+            correct=data.get("correct"), metrics=dict(data.get("metrics") or {}), generations=data.get("generations"),
+        )
 
 
 def _default_method(model: nn.Module, task: TaskData) -> str:
@@ -144,15 +160,15 @@ def evaluate(
     """
     examples = list(task.test if examples is None else examples)
     if not examples:
-        raise ValueError(f"no examples to evaluate for task {task.name!r}")
+        raise ConfigError(f"no examples to evaluate for task {task.name!r}")
     method = method or _default_method(model, task)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in EVAL_METHODS:
+        raise ConfigError(f"method must be one of {EVAL_METHODS}, got {method!r}")
     if task.kind == "regression" and method != "classifier":
-        raise ValueError(f"task {task.name!r} is a regression task: evaluate it with method='classifier' "
+        raise ConfigError(f"task {task.name!r} is a regression task: evaluate it with method='classifier' "
                          "(a model with a one-output sequence-classification head)")
     if task.kind == "multiple_choice" and method == "classifier":
-        raise ValueError(f"task {task.name!r} has per-example options: use method='loglik' or 'generate'")
+        raise ConfigError(f"task {task.name!r} has per-example options: use method='loglik' or 'generate'")
 
     labels = [e.label for e in examples]
     scores = generations = None
