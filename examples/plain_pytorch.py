@@ -17,10 +17,10 @@ import random
 import torch
 
 import moelora
+from moelora.finetune.base_models import load_model_and_tokenizer
 from moelora.finetune.data import CausalLMCollator, Example, load_task
 from moelora.finetune.loss import answer_loss
 from moelora.optim import RiemannianAdamW, RiemannianSGD, param_groups
-from moelora.finetune.base_models import load_model_and_tokenizer
 
 
 def load_base(model_path: str | None, seed: int = 0):

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 sys.path.insert(0, str(Path(__file__).parent))  # the slow references in tests/reference.py
 
-import torch  # noqa: E402  (after the environment above, which torch reads when it starts)
+import torch
 
 
 @pytest.fixture(autouse=True)

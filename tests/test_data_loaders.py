@@ -22,9 +22,9 @@ from moelora.finetune.data import (
     UnknownOptionError,
     UnknownTaskError,
     available_tasks,
+    bigbench,
     load_task,
 )
-from moelora.finetune.data import bigbench
 from moelora.finetune.data.io import read_delimited
 from moelora.finetune.data.prompts import mc_prompt, split_context_question
 from moelora.finetune.data.splits import hash_order

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from moelora.finetune.cache import default_cache_dir
 from moelora.finetune.data import CausalLMCollator, load_task
 from moelora.finetune.data.bigbench import ARCHIVE_NAME
-from moelora.finetune.cache import default_cache_dir
 from moelora.finetune.data.collate import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ import torch
 
 from fixtures.data.tiny_lm import tiny_llama, tiny_tokenizer
 from moelora.finetune.data import CausalLMCollator, Example, TaskData, load_task
-from moelora.finetune.loss import answer_loss
 from moelora.finetune.eval import (
     evaluate,
     extract_answer,
@@ -18,6 +17,7 @@ from moelora.finetune.eval import (
     generate_texts,
     score_options,
 )
+from moelora.finetune.loss import answer_loss
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

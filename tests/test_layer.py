@@ -4,11 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-import moelora
 from moelora import MoELoRALinear
 from moelora.layers.dropout import keep_mask, keep_probability
 from moelora.layers.linear import layer_of
-
 from reference import reference_forward, reference_gates
 
 

@@ -9,7 +9,6 @@ from torch import nn
 import moelora
 from moelora import ConfigError, MoELoRAConfig, MoELoRALinear
 from moelora.layers.sparse import sort_pairs, sparse_is_cheaper
-
 from reference import reference_forward
 
 

@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 ])
 def test_cli_config_errors_exit_2_without_traceback(tmp_path, args, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "moelora.finetune.cli", "train", str(SMOKE), "--set", f"output_dir={tmp_path}/x", *args],
+        [sys.executable, "-m", "moelora", "train", str(SMOKE), "--set", f"output_dir={tmp_path}/x", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 2
@@ -168,7 +168,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "moelora.finetune.cli", "train", str(SMOKE), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}",
+         "-m", "moelora", "train", str(SMOKE), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}",
          *sum((["--set", o] for o in overrides), [])],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
     )

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from moelora.atomic import atomic_dir
 from moelora.finetune import checkpoint as ckpt
 from moelora.finetune.batching import StepBatches
-from moelora.finetune.run_config import ConfigError, RunConfig, dump_config, load_config
 from moelora.finetune.loss import CausalLMAnswerLoss
+from moelora.finetune.run_config import ConfigError, dump_config, load_config
 from moelora.finetune.schedule import linear_warmup_decay
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from .atomic import atomic_write, write_text_atomic
 from .config import MoELoRAConfig
 from .errors import AdapterError, AdapterNotFoundError
-from .inject import moelora_layers, unwrap, wrap
+from .inject import CONFIG_ATTR, moelora_layers, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,7 +55,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    config = getattr(model, "moelora_config", None)
+    config = getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise AdapterError("model has no MoE-LoRA adapter: call moelora.wrap(model, config) first")
     directory = Path(directory)

@@ -125,7 +125,7 @@ class MoELoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoELoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MoELoRAConfig:
         """Build a config from a mapping; unknown keys are an error that lists the valid ones."""
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)

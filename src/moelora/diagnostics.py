@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .inject import moelora_layers
 
 
-def router_stats(model: nn.Module) -> dict[str, dict[str, object]]:
+def router_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per-layer router diagnostics of the last forward pass.
 
     Returns ``{layer name: {"expert_load": [E floats summing to 1], "gate_entropy": float}}``: the share of

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ from .layers.linear import MoELoRALinear, _is_conv1d
 
 logger = logging.getLogger(__name__)
 
+# The wrapped model's attribute holding its ``MoELoRAConfig`` (read by ``save_adapter``).
+CONFIG_ATTR = "moelora_config"
 # Buffers DDP must not broadcast from rank 0: each replica keeps its own gate statistics, and the
 # optimizer all-reduces them (a broadcast would overwrite them before every forward).
 _DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
@@ -89,7 +91,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
         )
         layer.train(base.training)  # follow the replaced module: an eval-mode model stays in eval mode
         _set_submodule(model, name, layer)
-    model.moelora_config = config
+    setattr(model, CONFIG_ATTR, config)
     setattr(model, _DDP_IGNORE_ATTR, [f"{n}.{b}" for n, _ in moelora_layers(model) for b in _STAT_BUFFERS])
     logger.info("wrapped %d modules: %s", len(targets), summary(model))
     return model
@@ -102,7 +104,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     for name, layer in list(moelora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
-    for attr in ("moelora_config", _DDP_IGNORE_ATTR):
+    for attr in (CONFIG_ATTR, _DDP_IGNORE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -17,9 +17,9 @@ from .timing import time_interleaved
 
 
 def run(quick: bool = False, examples: int = 64, batch_size: int = 32) -> dict:
+    from moelora.finetune.base_models import load_model_and_tokenizer
     from moelora.finetune.eval import score_options
     from moelora.finetune.run_config import load_config
-    from moelora.finetune.base_models import load_model_and_tokenizer
     from moelora.finetune.tasks import TaskRuntime
 
     config = load_config(None, ["data.task=siqa", 'data.options={"answer_format": "text"}', "data.max_length=192",

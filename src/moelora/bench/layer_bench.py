@@ -34,9 +34,11 @@ class PerExpertLoop(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(base.in_features, num_experts, bias=False)
         self.lora_A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(num_experts))
-        self.lora_B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(num_experts))
-        for b in self.lora_B:
+        # Initialised as a typed list before wrapping: a ModuleList's items are plain Modules to the type checker.
+        lora_B = [nn.Linear(rank, base.out_features, bias=False) for _ in range(num_experts)]
+        for b in lora_B:
             nn.init.normal_(b.weight, std=0.01)
+        self.lora_B = nn.ModuleList(lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = top_k_gates(self.router(x), self.top_k)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,12 +66,18 @@ class SmolLM2Attention(nn.Module):
         self.layers = nn.ModuleList(nn.ModuleDict({"self_attn": _Attention(device)}) for _ in range(blocks))
 
 
-def _fill_(params: list[torch.Tensor], generator: torch.Generator) -> None:
+def _fill_(params: Sequence[torch.Tensor], generator: torch.Generator) -> None:
     """Random nonzero weights ~N(0, 1/fan) and gradients ~N(0, 1e-6), like a mid-training adapter."""
     with torch.no_grad():
         for p in params:
             p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
             p.grad = torch.empty_like(p).normal_(0.0, 1e-3, generator=generator)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` of a tensor that went through ``_fill_`` (so it is set)."""
+    assert p.grad is not None, "gradients are set by _fill_"
+    return p.grad
 
 
 def moelora_adapters(num_experts: int, rank: int, blocks: int = BLOCKS) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -88,9 +95,9 @@ def moelora_adapters(num_experts: int, rank: int, blocks: int = BLOCKS) -> tuple
     return model, params
 
 
-def _per_expert_loop(params: list[torch.Tensor]) -> Callable[[], None]:
+def _per_expert_loop(params: Sequence[torch.Tensor]) -> Callable[[], None]:
     """Precondition expert by expert with explicit inverses, then a foreach AdamW step."""
-    raw = [p.grad for p in params]
+    raw = [_grad(p) for p in params]
     out = [torch.empty_like(g) for g in raw]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
 
@@ -127,7 +134,7 @@ def _peft(blocks: int, rank: int, rounds: int) -> Callable[[], None] | None:
     _fill_(params, generator)
     # It overwrites .grad with the preconditioned gradient: give every step its own copy of the
     # original gradients (swapped in by reference, which costs a few microseconds).
-    pool = [[p.grad.clone() for p in params] for _ in range(rounds)]
+    pool = [[_grad(p).clone() for p in params] for _ in range(rounds)]
     opt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=LR, reg=REG, weight_decay=0.0, foreach=True)
     calls = iter(range(rounds))
 
@@ -144,13 +151,15 @@ def run(quick: bool = False) -> dict:
     """Median seconds per optimizer step of every candidate and the ratios that the targets are about."""
     torch.manual_seed(0)
     repeats, warmup = (5, 1) if quick else (11, 1)
-    model, experts = moelora_adapters(NUM_EXPERTS, RANK)
-    wide_model, wide = moelora_adapters(1, NUM_EXPERTS * RANK)
+    # Bound to names (not ``_``, which the second call would rebind) so both models outlive the timing:
+    # the optimizer reaches each layer by weak reference.
+    _model, experts = moelora_adapters(NUM_EXPERTS, RANK)
+    _wide_model, wide = moelora_adapters(1, NUM_EXPERTS * RANK)
     plain = [p.detach().clone().requires_grad_(True) for p in experts]
     for copy, p in zip(plain, experts):
-        copy.grad = p.grad.clone()
+        copy.grad = _grad(p).clone()
 
-    def adamw(params: list[torch.Tensor], **kwargs) -> Callable[[], None]:
+    def adamw(params: Sequence[torch.Tensor], **kwargs: Any) -> Callable[[], None]:
         return RiemannianAdamW(params, lr=LR, weight_decay=0.0, reg=REG, **kwargs).step
 
     candidates = {

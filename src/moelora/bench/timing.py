@@ -5,8 +5,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ class Timing:
         }
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Timing:
+def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Timing:
     """Time every candidate ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` rounds."""
     for _ in range(warmup):
         for fn in candidates.values():

@@ -30,16 +30,17 @@ BATCH = 8
 def _setup(candidate: str, seed: int = 0):
     """``(model, optimizer, runtime)`` for ``candidate`` in {"moelora", "peft_lora"}."""
     import moelora
-    from moelora.optim import RiemannianAdamW, param_groups
-    from moelora.finetune.run_config import load_config
     from moelora.finetune.base_models import load_model_and_tokenizer
+    from moelora.finetune.run_config import load_config
     from moelora.finetune.tasks import TaskRuntime
+    from moelora.optim import RiemannianAdamW, param_groups
 
     torch.manual_seed(seed)
     config = load_config(None, ["data.max_train=512", "data.max_eval=8"])
     runtime = TaskRuntime.load(config)
     model, tokenizer = load_model_and_tokenizer(config.model.name)
     runtime.attach(model, tokenizer)
+    optimizer: torch.optim.Optimizer  # ours or torch's AdamW, depending on the candidate
     if candidate == "moelora":
         import dataclasses
 
@@ -122,7 +123,7 @@ def bench_throughput(quick: bool) -> dict:
     padded_ours = sum(b["inputs"]["input_ids"].numel() for b in ours_batches)
     padded_plain = sum(b["inputs"]["input_ids"].numel() for b in plain_batches)
     rounds = 1 if quick else 3
-    times = {"moelora_default_loop": [], "plain_peft_loop": []}
+    times: dict[str, list[float]] = {"moelora_default_loop": [], "plain_peft_loop": []}
     run_ours(), run_plain()  # warm-up
     for _ in range(rounds):
         times["moelora_default_loop"].append(run_ours())

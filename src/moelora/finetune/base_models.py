@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def package_dir(name: str) -> Path:
             f"the package '{name.replace('_', '-')}' is not installed; run `make install` (it installs the "
             f"packages that carry the bundled models and data)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def is_encoder(name: str) -> bool:
@@ -104,13 +104,14 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
     torch_dtype = DTYPES[dtype]
     if name == RANDOM_LLAMA:
         tokenizer = byte_level_tokenizer()
-        values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512)
+        values: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
         values.update(random_config or {})
         values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(LlamaConfig(**values)).to(torch_dtype)
+            model: Any = LlamaForCausalLM(LlamaConfig(**values))
+            model = model.to(torch_dtype)
         model.config.name_or_path = RANDOM_LLAMA
         return model.eval(), tokenizer
     if name == SMOLLM2:

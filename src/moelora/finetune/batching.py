@@ -8,7 +8,7 @@ shuffle the batches), which keeps padding low. A global batch is split into ``gr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ class StepBatches:
             return self._epoch_cache[1]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=g)[: self.batches_per_epoch * self.batch_size]
-        batches = []
+        batches: list[list[int]] = []
         for start in range(0, len(order), self.window):
             window = order[start : start + self.window]
             window = window[torch.argsort(self.lengths[window], descending=True, stable=True)]

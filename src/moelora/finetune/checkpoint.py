@@ -13,13 +13,12 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .errors import TrainingError
-
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -101,7 +100,7 @@ def rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # legacy=True returns the tuple form
     return {
         "torch": torch.get_rng_state(),
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],

@@ -18,10 +18,10 @@ from typing import get_args
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything this tool loads is local
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ..errors import ConfigError, MoELoRAError  # noqa: E402
-from .errors import RunFolderError  # noqa: E402
-from .eval.evaluate import LMEvalMethod  # noqa: E402
-from .run_config import dump_config, format_keys, load_config  # noqa: E402
+from ..errors import ConfigError, MoELoRAError
+from .errors import RunFolderError
+from .eval.evaluate import LMEvalMethod
+from .run_config import dump_config, format_keys, load_config
 
 
 def _add_train(sub) -> None:

@@ -10,12 +10,13 @@ processes with the same global batch compute the same loss and gradients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data.collate import IGNORE_INDEX
-
 
 
 def answer_logits_to_keep(labels: torch.Tensor) -> int:
@@ -45,8 +46,11 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     """``(inner model, wrapped)`` through DDP / FSDP-style ``.module`` wrappers."""
     wrapped = False
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
-        model, wrapped = model.module, True
+    while not hasattr(model, "get_output_embeddings"):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model, wrapped = inner, True
     return model, wrapped
 
 
@@ -54,6 +58,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def _gather_supported(model: nn.Module) -> bool:
+    inner: Any  # a transformers model (get_decoder, get_output_embeddings)
     inner, wrapped = _unwrap(model)
     if wrapped or not hasattr(inner, "get_decoder"):
         return False
@@ -104,6 +109,7 @@ def answer_loss(
     if strategy == "auto":
         strategy = "gather" if _gather_supported(model) else "logits_to_keep"
     if strategy == "gather":
+        inner: Any  # a transformers model (get_decoder, get_output_embeddings)
         inner, _ = _unwrap(model)
         hidden = inner.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         rows, cols = answer_positions(labels)

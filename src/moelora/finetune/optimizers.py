@@ -14,9 +14,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig):
         model, lr=cfg.lr, router_lr=cfg.router_lr, weight_decay=cfg.weight_decay,
         router_max_grad_norm=cfg.router_max_grad_norm,
     )
-    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, preconditioner=cfg.preconditioner, reg=cfg.reg,
-                  gate_floor=cfg.gate_floor)
     if cfg.name == "adamw":
-        return RiemannianAdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, bias_correction=cfg.bias_correction,
-                               b_from_updated_a=cfg.b_from_updated_a, **common)
-    return RiemannianSGD(groups, momentum=cfg.momentum, **common)
+        beta1, beta2 = cfg.betas
+        return RiemannianAdamW(groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               preconditioner=cfg.preconditioner, reg=cfg.reg, gate_floor=cfg.gate_floor,
+                               bias_correction=cfg.bias_correction, b_from_updated_a=cfg.b_from_updated_a)
+    return RiemannianSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         preconditioner=cfg.preconditioner, reg=cfg.reg, gate_floor=cfg.gate_floor)

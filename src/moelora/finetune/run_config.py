@@ -11,6 +11,7 @@ Each section documents its keys in an ``Attributes:`` docstring block; ``describ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
@@ -213,7 +214,7 @@ def _coerce(value: Any, annotation: Any, where: str, base: Any = None) -> Any:
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {_valid_keys(annotation)}, got {value!r}")
         return build(annotation, value, where, base)
@@ -241,10 +242,8 @@ def _coerce(value: Any, annotation: Any, where: str, base: Any = None) -> Any:
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)

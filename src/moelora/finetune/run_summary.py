@@ -36,14 +36,14 @@ def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: EvalRe
 def _write(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, final: dict, train_time_s: float,
            last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
     """``write_report`` on the JSON forms of the evaluations (what ``summary.json`` stores)."""
-    difference = None
+    difference: dict[str, Any] | None = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):
         diff, low, high = paired_bootstrap_difference(final["correct"], zero_shot["correct"], seed=config.train.seed)
         difference = {"value": diff, "interval": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
     metrics = read_metrics(run_dir)
     train_events = [m for m in metrics if "loss" in m]
     throughput = [m["tokens_per_s"] for m in train_events if "tokens_per_s" in m]
-    summary = {
+    summary: dict[str, Any] = {
         "task": runtime.task.name,
         "model": config.model.name,
         "method": {

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .base_models import is_encoder
 from .data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example, TaskData, load_task
 from .errors import ConfigError
 from .run_config import RunConfig
-from .base_models import is_encoder
 
 if TYPE_CHECKING:
     from .eval import EvalResult
@@ -31,7 +31,7 @@ class TaskRuntime:
     _collator: Any = None
 
     @classmethod
-    def load(cls, config: RunConfig) -> "TaskRuntime":
+    def load(cls, config: RunConfig) -> TaskRuntime:
         data = config.data
         task = load_task(
             data.task, data_dir=data.path, seed=data.subset_seed, max_train=data.max_train,
@@ -81,6 +81,7 @@ class TaskRuntime:
         """``moelora.finetune.eval.evaluate`` on ``examples`` with the run's settings."""
         from .eval import evaluate
 
+        assert self.model is not None, "TaskRuntime.attach(model, tokenizer) first"
         return evaluate(
             self.model, self.tokenizer, self.task, examples, method="classifier" if self.encoder else self.config.eval.method,
             batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,

@@ -29,12 +29,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..adapter import load_adapter_weights, save_adapter
 from ..atomic import atomic_dir, write_text_atomic
@@ -153,7 +155,7 @@ class Trainer:
         self._distributed = False
         # set by setup()
         self.runtime: TaskRuntime | None = None
-        self.model: nn.Module | None = None
+        self.model: Any = None  # the transformers model being fine-tuned
         self.tokenizer: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
@@ -202,6 +204,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
 
         runtime = self.runtime = TaskRuntime.load(cfg)
+        model: Any
         model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels)
         self.model = model
         runtime.attach(model, self.tokenizer)
@@ -223,7 +226,7 @@ class Trainer:
 
         loss_module: nn.Module = (SequenceClassificationLoss if runtime.encoder else CausalLMAnswerLoss)(model)
         if ctx.enabled:
-            loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=False)
+            loss_module = DistributedDataParallel(loss_module, find_unused_parameters=False)
         self._loss_module = loss_module
         self._plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
 
@@ -312,7 +315,8 @@ class Trainer:
         tokens = 0
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            context = loss_module.no_sync() if ctx.enabled and not sync else contextlib.nullcontext()
+            context = (cast(DistributedDataParallel, loss_module).no_sync() if ctx.enabled and not sync
+                       else contextlib.nullcontext())
             with context:
                 loss_sum, _ = loss_module(**batch["inputs"])
                 # DDP averages gradients over processes, hence the world-size factor: the result is the

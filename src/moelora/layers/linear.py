@@ -94,11 +94,13 @@ class GatedExpertMix(torch.autograd.Function):
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a linear-like module, or a ``TypeError`` saying what is supported."""
     if _is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        d_in, d_out = weight.shape
         return int(d_in), int(d_out)
-    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    if isinstance(d_in, int) and isinstance(d_out, int):
-        return d_in, d_out
+    features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(features[0], int) and isinstance(features[1], int):
+        return features[0], features[1]
     raise TypeError(
         f"MoELoRALinear wraps nn.Linear-like modules (with in_features / out_features) and transformers' "
         f"Conv1D, not {type(module).__name__}"
@@ -137,6 +139,12 @@ class MoELoRALinear(nn.Module):
     position counts, padding included (the layer does not see the attention mask). An optimizer with
     ``preconditioner="gate_rescaled"`` consumes and resets them after each step.
     """
+
+    # Buffers (registered in __init__), declared for type checkers: nn.Module's attribute lookup is untyped.
+    gate_sq_sum: torch.Tensor
+    gate_token_count: torch.Tensor
+    expert_load: torch.Tensor
+    gate_entropy: torch.Tensor
 
     def __init__(
         self,
@@ -178,19 +186,16 @@ class MoELoRALinear(nn.Module):
         weight = getattr(base_layer, "weight", None)
         device = weight.device if weight is not None and weight.device.type != "meta" else None
         dtype = dtype or default_adapter_dtype(base_layer)
-        factory = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
-        self.router = nn.Linear(self.in_features, num_experts, bias=False, **factory)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, device=device, dtype=dtype))
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=device, dtype=dtype)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = float(dropout)  # on the experts' input only; see moelora.layers.dropout
 
-        stat = {"device": device, "dtype": torch.float32}
-        self.register_buffer("gate_sq_sum", torch.zeros(num_experts, **stat), persistent=False)
-        self.register_buffer("gate_token_count", torch.zeros((), **stat), persistent=False)
-        self.register_buffer("expert_load", torch.zeros(num_experts, **stat), persistent=False)
-        self.register_buffer("gate_entropy", torch.zeros((), **stat), persistent=False)
+        for name, shape in (("gate_sq_sum", (num_experts,)), ("gate_token_count", ()),
+                            ("expert_load", (num_experts,)), ("gate_entropy", ())):
+            self.register_buffer(name, torch.zeros(shape, device=device, dtype=torch.float32), persistent=False)
 
         self.reset_parameters(router_init, router_init_std)
         self._attach_layer_refs()
@@ -217,7 +222,7 @@ class MoELoRALinear(nn.Module):
         self._attach_layer_refs()
         return out
 
-    def __deepcopy__(self, memo: dict) -> "MoELoRALinear":
+    def __deepcopy__(self, memo: dict) -> MoELoRALinear:
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -308,7 +313,7 @@ class MoELoRALinear(nn.Module):
         """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no
         subclass, hook or patched ``forward``, which could change what it computes) of the adapter's dtype."""
         base = self.base_layer
-        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+        return (isinstance(base, nn.Linear) and type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
                 and "forward" not in base.__dict__ and tokens.dtype == base.weight.dtype == self.lora_A.dtype)
 
     # ------------------------------------------------------------------------------------ statistics

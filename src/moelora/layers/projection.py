@@ -51,7 +51,7 @@ class InputProjection(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, weight, bias, a_cat, router, keep = inputs
+        x, weight, _, a_cat, router, keep = inputs
         ctx.save_for_backward(x, weight, a_cat, router, keep)
         ctx.has_base = weight is not None
 
@@ -84,6 +84,7 @@ class InputProjection(torch.autograd.Function):
                 grad_x = (grad_h @ a_cat).mul_(mask).addmm_(grad_logits, router)
         if ctx.has_base and grad_base is not None:
             if need_x:
+                assert grad_x is not None  # built above whenever need_x
                 grad_x = grad_x.addmm_(grad_base, weight)
             if need_w:
                 grad_w = grad_base.t() @ x

@@ -9,9 +9,10 @@ solves), ``base`` (the shared step), ``sgd`` / ``adamw`` (the update rules), ``r
 per-expert loop, the yardstick of the tests).
 """
 
+from ..config import PRECONDITIONERS
 from .adamw import RiemannianAdamW
 from .groups import GROUP_KINDS, param_groups
-from .precondition import PRECONDITIONERS, PreconditionerError, PreconditionerWarning
+from .precondition import PreconditionerError, PreconditionerWarning
 from .sgd import RiemannianSGD
 
 __all__ = [

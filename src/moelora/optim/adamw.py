@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -105,8 +106,7 @@ class RiemannianAdamW(RiemannianOptimizer):
         for i, param in enumerate(params):
             buckets[(param.device, param.dtype, grads[i].dtype)].append(i)
         for (device, dtype, grad_dtype), index in buckets.items():
-            pick = lambda xs: [xs[i] for i in index]  # noqa: E731
-            args = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), group)
+            args = (*([xs[i] for i in index] for xs in (params, grads, exp_avgs, exp_avg_sqs, steps)), group)
             if _use_fused(group["fused"], device, dtype, grad_dtype):
                 _fused_adamw(*args)
             else:

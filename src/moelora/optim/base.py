@@ -19,15 +19,17 @@ dictionaries and ``state_dict`` / ``load_state_dict`` are torch's own.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from ..config import PRECONDITIONERS
 from ..layers.linear import MoELoRALinear, layer_of
 from .groups import GROUP_KINDS, SIDE_A, SIDE_B, ExpertFactor, expert_factor
-from .precondition import GATE_RESCALED, NONE, PRECONDITIONERS, gate_sq_means, precondition
+from .precondition import GATE_RESCALED, NONE, gate_sq_means, precondition
 
 
 @dataclass
@@ -139,7 +141,7 @@ class RiemannianOptimizer(Optimizer):
             if group["max_grad_norm"] is not None and (w.plain or w.factors):
                 w.clip = _clip_coefficient(w.plain_grads + w.factor_grads, group["max_grad_norm"])
                 if w.plain_grads:
-                    w.plain_grads = torch._foreach_mul(w.plain_grads, w.clip)  # out of place: keep .grad
+                    w.plain_grads = list(torch._foreach_mul(w.plain_grads, w.clip))  # out of place: keep .grad
             work.append(w)
         return work, list(layers.values())
 

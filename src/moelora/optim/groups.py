@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..layers.linear import MoELoRALinear, layer_of
 from ..inject import moelora_layers
+from ..layers.linear import MoELoRALinear
 
 # Values of a group's "kind" key. Preconditioning only ever touches expert factors; routers and other
 # parameters always get the plain update of the base optimizer.
@@ -107,8 +107,8 @@ def param_groups(
             "param_groups found no MoELoRALinear layer in the model: wrap it first with "
             "moelora.wrap(model, moelora.MoELoRAConfig(...))"
         )
-    experts: list[nn.Parameter] = []
-    routers: list[nn.Parameter] = []
+    experts: list[torch.Tensor] = []
+    routers: list[torch.Tensor] = []
     for layer in layers:
         experts.extend(p for p in (layer.lora_A, layer.lora_B) if p.requires_grad)
         if layer.router.weight.requires_grad:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..config import PRECONDITIONERS, Preconditioner
+from ..config import Preconditioner
 from ..layers.linear import MoELoRALinear
 from .groups import SIDE_A, ExpertFactor
 
@@ -63,7 +63,7 @@ def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
     empty = []
     for device_layers in by_device.values():
         # [sum g^2 per expert..., token count] per layer, packed flat (layers may differ in E).
-        packed = torch.cat([torch.cat([l.gate_sq_sum, l.gate_token_count.reshape(1)]) for l in device_layers])
+        packed = torch.cat([torch.cat([layer.gate_sq_sum, layer.gate_token_count.reshape(1)]) for layer in device_layers])
         if distributed:
             torch.distributed.all_reduce(packed)
         offset = 0
@@ -135,7 +135,9 @@ def precondition(
             parts[:count_blocked] = [wide.diagonal(dim1=1, dim2=3).sum(-1)]
         systems = torch.cat(parts)  # (N, r, r), N = sum of the layers' E
         if floor is not None:
-            c2 = torch.cat([gate_scales[i][0] for i in indices]).to(dtype).clamp_min_(floor)
+            # a batch with a floor holds only gate-rescaled systems, each with its scale
+            scales = [gate_scales[i] for i in indices]
+            c2 = torch.cat([s[0] for s in scales if s is not None]).to(dtype).clamp_min_(floor)
             systems.mul_(c2[:, None, None])
         systems.diagonal(dim1=-2, dim2=-1).add_(reg)
         inverses, not_pd, non_finite = damped_inverse(systems)

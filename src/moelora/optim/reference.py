@@ -9,7 +9,8 @@ optimizer benchmark uses ``ReferenceRiemannianAdamW`` as its per-expert-loop bas
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -26,6 +27,7 @@ class _Reference(Optimizer):
 
     def preconditioned(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """``param.grad`` preconditioned expert by expert (a copy; unchanged if not an expert factor)."""
+        assert param.grad is not None  # only parameters with a gradient are preconditioned
         grad = param.grad.detach().clone()
         factor = expert_factor(param, layer_of(param))
         if factor is None or group["preconditioner"] == "none":
@@ -45,6 +47,10 @@ class _Reference(Optimizer):
                 inverse = torch.linalg.inv(c2 * a @ a.T + group["reg"] * eye)
                 out[e] = (grad[e].double() @ inverse).to(grad.dtype)
         return out
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """Apply the base update rule (SGD or AdamW) with the preconditioned ``grad``."""
+        raise NotImplementedError
 
     def clip_scale(self, group: dict[str, Any]) -> float:
         if group["max_grad_norm"] is None:

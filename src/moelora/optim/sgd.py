@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class RiemannianSGD(RiemannianOptimizer):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)  # out of place: grads may be .grad
+            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))  # out of place: grads may be .grad
         if momentum != 0:
             bufs, fresh = [], []
             for param, grad in zip(params, grads):
@@ -85,5 +86,5 @@ class RiemannianSGD(RiemannianOptimizer):
             if old:
                 torch._foreach_mul_(old, momentum)
                 torch._foreach_add_(old, [g for g, new in zip(grads, fresh) if not new], alpha=1 - group["dampening"])
-            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+            grads = list(torch._foreach_add(grads, bufs, alpha=momentum)) if group["nesterov"] else bufs
         torch._foreach_add_(params, grads, alpha=-lr)

@@ -17,7 +17,7 @@ from ..extras import require_extra
 
 require_extra("train", "moelora.reproduce (moelora reproduce)")
 
-from .cli import add_parser, run_from_args
-from .grid import METHODS, Cell, Grid, build_grid
+from .cli import add_parser, run_from_args  # noqa: E402  (after the check, which names the extra)
+from .grid import METHODS, Cell, Grid, build_grid  # noqa: E402
 
 __all__ = ["METHODS", "Cell", "Grid", "add_parser", "build_grid", "run_from_args"]

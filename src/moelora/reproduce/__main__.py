@@ -6,6 +6,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

@@ -186,7 +186,11 @@ def compare(results: TaskResults, optimizer: str, a: str, b: str) -> Comparison 
     seeds = sorted(set(ra) & set(rb))
     if not seeds:
         return None
-    diffs = [_transform(ra[s].value, spec) - _transform(rb[s].value, spec) for s in seeds]
+    diffs = []
+    for s in seeds:
+        value_a, value_b = ra[s].value, rb[s].value
+        assert value_a is not None and value_b is not None  # runs without a value were left out above
+        diffs.append(_transform(value_a, spec) - _transform(value_b, spec))
     mean = float(np.mean(diffs))
     if len(diffs) > 1:
         std = float(np.std(diffs, ddof=1))
@@ -210,9 +214,9 @@ def _correct(folder: Path) -> np.ndarray | None:
 def _bootstrap(folders_a: list[Path], folders_b: list[Path]) -> tuple[float, float, float] | None:
     from ..finetune.eval import paired_bootstrap_difference
 
-    a = [_correct(f) for f in folders_a]
-    b = [_correct(f) for f in folders_b]
-    if any(x is None for x in a + b):
+    a = [x for x in (_correct(f) for f in folders_a) if x is not None]
+    b = [x for x in (_correct(f) for f in folders_b) if x is not None]
+    if len(a) < len(folders_a) or len(b) < len(folders_b):  # a run without per-example correctness
         return None
     est, low, high = paired_bootstrap_difference(np.mean(a, axis=0), np.mean(b, axis=0))
     return 100 * est, 100 * low, 100 * high
@@ -229,8 +233,9 @@ def versus_zero_shot(results: TaskResults, optimizer: str, method: str) -> tuple
     stats = results.cells.get((optimizer, method))
     if zero is None or stats is None or not stats.runs:
         return None
-    tuned = [_correct(r.folder) for r in stats.runs if not r.diverged]
-    if not tuned or any(t is None for t in tuned):
+    finished = [r for r in stats.runs if not r.diverged]
+    tuned = [t for t in (_correct(r.folder) for r in finished) if t is not None]
+    if not tuned or len(tuned) < len(finished):  # none, or a run without per-example correctness
         return None
     est, low, high = paired_bootstrap_difference(np.mean(tuned, axis=0), zero)
     return 100 * est, 100 * low, 100 * high

@@ -71,7 +71,7 @@ def run_gate_weight_check(seeds: tuple[int, ...], lr: float = 0.1, steps: int = 
     out["moments"] = moments
     out["experts"] = keep
     predicted = {"g^2": 1.0, "g^1.5": fit_slope(g2, [moments["g^1.5"][i] for i in keep]), None: 0.0}
-    for key, entry in out["variants"].items():
+    for entry in out["variants"].values():
         slopes = [fit_slope(g2, [speeds[i] for i in keep]) for speeds in entry["speeds"]]
         entry["slopes"] = slopes
         entry["slope_mean"] = float(np.mean(slopes))
@@ -83,7 +83,7 @@ def run_gate_weight_check(seeds: tuple[int, ...], lr: float = 0.1, steps: int = 
     # Riemannian is predicted in absolute terms: E[g^1.5] / E[g^2], and 1 / E[g^2] for gate-rescaled.
     top = keep[0]
     base = out["variants"]["riem"]["mean_speed"][0]
-    for key, entry in out["variants"].items():
+    for entry in out["variants"].values():
         moment = entry["moment"]
         predicted_ratio = (moments[moment][top] if moment else 1.0) / moments["g^2"][top]
         entry["top_expert_ratio"] = {"expert": top, "predicted": predicted_ratio,

@@ -123,7 +123,7 @@ def full_tasks() -> dict[str, TaskSpec]:
         ),
         TaskSpec(
             key="rt-smollm2", title="Rotten Tomatoes, SmolLM2-135M-Instruct (next-token answer)", kind="train",
-            rows={"adamw": MOE_ROWS + ("lora",), "sgd": ("riem", "riem_p05")},
+            rows={"adamw": (*MOE_ROWS, "lora"), "sgd": ("riem", "riem_p05")},
             lrs={"sgd": (0.01, 0.03), "adamw": (3e-4, 1e-3, 3e-3)},
             steps=40, batch_size=8, eval_every=10, curve_examples=100, test_examples=600, sweep_examples=200,
             overrides={"model.name": "smollm2-135m-instruct", "data.task": "rotten_tomatoes",

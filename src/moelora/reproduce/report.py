@@ -70,7 +70,7 @@ def claims_table(results: dict[str, TaskResults]) -> list[str]:
         "paired bootstrap over held-out examples (points) | per seed | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, res in results.items():
+    for _key, res in results.items():
         for opt in ("sgd", "adamw"):
             for a, b, claim in CLAIMS:
                 c = compare(res, opt, a, b)
@@ -137,7 +137,7 @@ def _zero_shot_lines(res: TaskResults) -> list[str]:
              f"(95 % Wilson [{_pct(z['test_interval'][0])}, {_pct(z['test_interval'][1])}], n = {z['test_n']}); "
              f"validation {_pct(z['validation'])} % (n = {z['validation_n']}).", ""]
     rows = []
-    for (opt, method), stats in res.cells.items():
+    for (opt, method), _stats in res.cells.items():
         diff = versus_zero_shot(res, opt, method)
         if diff is not None:
             rows.append(f"| {opt} | {method} | {diff[0]:+.1f} | [{diff[1]:+.1f}, {diff[2]:+.1f}] | "
@@ -164,7 +164,7 @@ def _settings(res: TaskResults) -> str:
     return (f"model `{o.get('model.name')}`, task `{o.get('data.task')}` {o.get('data.options', '')}; adapter "
             f"E = {o.get('adapter.num_experts')}, top_k = {o.get('adapter.top_k')}, r = {o.get('adapter.rank')}, "
             f"alpha = {o.get('adapter.alpha'):g}, dropout 0, on {', '.join(o.get('adapter.target_modules', []))} "
-            f"(single LoRA: rank {o.get('adapter.num_experts') * o.get('adapter.rank')}, same alpha/r); "
+            f"(single LoRA: rank {o['adapter.num_experts'] * o['adapter.rank']}, same alpha/r); "
             f"{spec.steps} steps of {spec.batch_size} examples, 3 warm-up steps then linear decay to 0.1x; router lr = "
             f"lr/1000 (SGD) or lr/330 (AdamW); held-out accuracy on the first {spec.test_examples} test examples; "
             f"curve: {spec.curve_examples} validation examples every {spec.eval_every} steps; sweep: final "
@@ -186,7 +186,7 @@ def _gate_weight_lines(check: dict[str, Any] | None) -> list[str]:
         f"held-out relative MSE after {check['steps']} steps (mean over seeds) |",
         "|---|---|---|---|---|---|",
     ]
-    for key, e in check["variants"].items():
+    for _key, e in check["variants"].items():
         finals = e.get("final_validation") or []
         final = f"{sum(finals) / len(finals):.2e}" if finals else "–"
         lines.append(f"| {e['label']} | {e['predicted_slope']:.2f} | {e['slope_mean']:.2f} ± {e['slope_std']:.2f} | "
@@ -238,7 +238,7 @@ def _status_table(results: dict[str, TaskResults]) -> list[str]:
             "not measured yet" if left is None else f"{left / 60:.0f} min")
         lines.append(f"| {key} | {res.finished_runs} / {res.expected_runs} | {res.sweep_finished} / "
                      f"{res.sweep_expected} | {fmt(main_t)} / {fmt(sweep_t)} | {left_text} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _claims_summary(results: dict[str, TaskResults]) -> list[str]:

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..atomic import write_text_atomic
 from .grid import MAIN, METHODS, SWEEP, SWEEP_SEED, Cell, Grid, TaskSpec, cell_overrides, config_hash
@@ -94,7 +94,7 @@ def run_cell(spec: TaskSpec, cell: Cell, folder: Path, keep_weights: bool = Fals
     return summary
 
 
-def _divergence_errors() -> tuple[type, ...]:
+def _divergence_errors() -> tuple[type[BaseException], ...]:
     """Non-finite losses (the loop's ``TrainingError``, the synthetic ``Diverged``) and failed solves."""
     import torch
 
@@ -107,6 +107,7 @@ def _divergence_errors() -> tuple[type, ...]:
 def _run_synthetic(spec: TaskSpec, cell: Cell, folder: Path) -> dict[str, Any]:
     from .synthetic import train_synthetic, write_jsonl
 
+    assert cell.lr is not None, "a cell is only run once its learning rate is known"
     method = METHODS[cell.method]
     result = train_synthetic(
         optimizer=cell.optimizer, preconditioner=method.preconditioner, gate_power=method.gate_power,
@@ -187,7 +188,14 @@ def run_zero_shot(spec: TaskSpec, folder: Path) -> dict[str, Any]:
     return summary
 
 
-GATE_CHECK = {"lr": 0.1, "steps": 60, "at_step": 40, "min_seeds": 5}
+class _GateCheck(TypedDict):
+    lr: float
+    steps: int
+    at_step: int
+    min_seeds: int
+
+
+GATE_CHECK: _GateCheck = {"lr": 0.1, "steps": 60, "at_step": 40, "min_seeds": 5}
 
 
 def gate_weights_dir(cache: Path, seeds: tuple[int, ...]) -> Path:
@@ -233,12 +241,13 @@ def choose_lr(spec: TaskSpec, results: dict[float, list[dict[str, Any] | None]])
     "edge": bool})``; ``lr`` is None until every sweep run has finished."""
     values: dict[float, float | None] = {}
     for lr, summaries in results.items():
-        if not summaries or any(s is None for s in summaries):
+        finished = [s for s in summaries if s is not None]
+        if not summaries or len(finished) < len(summaries):  # none, or a sweep run not finished yet
             return None, {}
-        if any(s.get("diverged") or s.get("validation") is None for s in summaries):
+        if any(s.get("diverged") or s.get("validation") is None for s in finished):
             values[lr] = None
             continue
-        finals = [s["validation"] for s in summaries]
+        finals = [s["validation"] for s in finished]
         if spec.kind == "synthetic":
             values[lr] = 10 ** (sum(math.log10(max(v, 1e-300)) for v in finals) / len(finals))
         else:
@@ -284,9 +293,9 @@ class GridRunner:
                 for i in range(spec.sweep_seeds):
                     folder = cell_dir(self.cache, spec, Cell(task, opt, method, SWEEP_SEED + i, SWEEP, lr))
                     results[lr].append(read_json(folder / "summary.json") if is_done(folder) else None)
-            lr, detail = choose_lr(spec, results)
-            if lr is not None:
-                chosen[(opt, method)] = lr
+            best, detail = choose_lr(spec, results)
+            if best is not None:
+                chosen[(opt, method)] = best
                 details[(opt, method)] = detail
         return chosen, details
 
@@ -295,7 +304,7 @@ class GridRunner:
         """The next job to start: a zero-shot evaluation, a sweep run, or a main run whose sweep has
         finished (so main runs never wait for other rows' sweeps), in ``Grid.work_order``; None when every
         remaining job waits on a running sweep or nothing is left."""
-        for key, spec in self.grid.tasks.items():
+        for spec in self.grid.tasks.values():
             if spec.zero_shot:
                 folder = zero_shot_dir(self.cache, spec)
                 if not is_done(folder) and folder not in started:
@@ -369,7 +378,7 @@ class _Pool:
         self._running: dict[Any, tuple[str, Path]] = {}
         self._finished: list[tuple[str, Path, dict[str, Any]]] = []
 
-    def __enter__(self) -> "_Pool":
+    def __enter__(self) -> _Pool:
         if self.jobs > 1:
             self._executor = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"),
                                                  initializer=_init_worker, initargs=(self.threads,))

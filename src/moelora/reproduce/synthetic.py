@@ -151,7 +151,8 @@ def train_synthetic(*, optimizer: str, preconditioner: str, gate_power: float, s
     layer = build_student(setup, teacher, gate_power, single_lora, seed)
     layer.train()
     groups = param_groups(layer, lr=lr)
-    common = dict(lr=lr, weight_decay=0.0, preconditioner=preconditioner)
+    # Any: the options are shared by two constructors whose other parameters have different types.
+    common: dict[str, Any] = dict(lr=lr, weight_decay=0.0, preconditioner=preconditioner)
     opt = RiemannianSGD(groups, **common) if optimizer == "sgd" else RiemannianAdamW(groups, **common)
 
     val_x = sample_inputs(setup.n_validation, setup.d_in, torch.Generator().manual_seed(VALIDATION_SEED))

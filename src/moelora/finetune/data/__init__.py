@@ -5,8 +5,8 @@
 ``IGNORE_INDEX`` marks positions without a label. (The loss on answer tokens is ``moelora.finetune.loss``.)
 """
 
-from . import bigbench, generic, glue, hub, qa, rotten_tomatoes  # noqa: F401  (register the loaders)
 from ..cache import default_cache_dir
+from . import bigbench, generic, glue, hub, qa, rotten_tomatoes  # noqa: F401  (register the loaders)
 from .collate import IGNORE_INDEX, CausalLMCollator, EncoderCollator
 from .errors import (
     DataError,
@@ -22,6 +22,7 @@ from .prompts import mc_example, mc_prompt
 from .registry import available_tasks, load_task, register_task
 
 __all__ = [
+    "IGNORE_INDEX",
     "CausalLMCollator",
     "DataError",
     "DataFileNotFoundError",
@@ -33,7 +34,6 @@ __all__ = [
     "TaskData",
     "UnknownOptionError",
     "UnknownTaskError",
-    "IGNORE_INDEX",
     "available_tasks",
     "default_cache_dir",
     "load_task",

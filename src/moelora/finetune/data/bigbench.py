@@ -70,7 +70,7 @@ def archive_path(cache_dir: str | Path | None = None, *, download: bool = True) 
 
 def _task_name(member: str) -> str | None:
     """``"<task>"`` for a member ``".../bigbench/benchmark_tasks/<task>/task.json"``, else ``None``."""
-    head, sep, tail = member.partition(_TASKS_DIR)
+    _, sep, tail = member.partition(_TASKS_DIR)
     if not sep or not tail.endswith("/task.json"):
         return None
     return tail[: -len("/task.json")]
@@ -86,7 +86,9 @@ def _scan_archive(archive: Path, wanted: str | None) -> tuple[list[str], bytes |
                 continue
             names.append(task)
             if task == wanted:
-                found = tar.extractfile(member).read()
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # extractfile returns None only for non-regular members
+                found = extracted.read()
     return sorted(names), found
 
 

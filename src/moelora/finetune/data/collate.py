@@ -19,7 +19,8 @@ real tokens only, so a left-padded row computes exactly what it computes unpadde
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -83,6 +84,7 @@ def pad_batch(
         attention_mask[row, cols] = 1
         position_ids[row, cols] = torch.arange(n)
         if labels is not None:
+            assert value_sequences is not None  # labels exist only when value_sequences was given
             labels[row, cols] = torch.as_tensor(value_sequences[row], dtype=torch.long)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if labels is not None:

@@ -54,7 +54,7 @@ class MalformedRowError(DataError):
             where += ": "
         super().__init__(f"{where}{reason}")
 
-    def at(self, path: str | Path, line: int | None = None, record: str | None = None) -> "MalformedRowError":
+    def at(self, path: str | Path, line: int | None = None, record: str | None = None) -> MalformedRowError:
         """The same error, located at ``path`` / ``line`` (or ``record``)."""
         return type(self)(self.reason, path, line, record)
 

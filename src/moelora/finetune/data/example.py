@@ -119,7 +119,7 @@ class TaskData:
         """Number of examples per split."""
         return {split: len(getattr(self, split)) for split in SPLITS}
 
-    def limit(self, *, max_train: int | None = None, max_eval: int | None = None, seed: int = 0) -> "TaskData":
+    def limit(self, *, max_train: int | None = None, max_eval: int | None = None, seed: int = 0) -> TaskData:
         """A copy with at most ``max_train`` training and ``max_eval`` validation / test examples.
 
         The training subset is a seeded random sample (in the original order); the evaluation subsets

@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .errors import DataError, LabelOutOfRangeError, MalformedRowError
 from .example import Example, TaskData
@@ -110,7 +111,7 @@ def _choices(row: dict, choices_field: str) -> tuple[list[str], list[str]]:
         except json.JSONDecodeError:
             raise MalformedRowError(f"{choices_field!r} must be a list (in CSV: a JSON list)") from None
     if isinstance(raw, dict) and "text" in raw:
-        raw = [{"label": l, "text": t} for l, t in zip(raw.get("label", LETTERS), raw["text"])]
+        raw = [{"label": label, "text": t} for label, t in zip(raw.get("label", LETTERS), raw["text"])]
     if not isinstance(raw, list):
         raise MalformedRowError(f"{choices_field!r} must be a list, got {type(raw).__name__}")
     texts, labels = [], []
@@ -190,7 +191,8 @@ def load_mc_file(
     def load(path: Path | None) -> list[Example] | None:
         return None if path is None else parse_rows(path, read_rows(path), parse)
 
-    train, validation, test, notes = _assemble(load(train_path), load(val_path), load(test_path), split_seed)
+    train = parse_rows(train_path, read_rows(train_path), parse)  # required: never None, unlike the other two
+    train, validation, test, notes = _assemble(train, load(val_path), load(test_path), split_seed)
     return TaskData(
         name=name, kind="multiple_choice", train=train, validation=validation, test=test, metric="accuracy",
         num_labels=max(len(e.options) for e in train + validation + test), answer_format=answer_format,
@@ -253,7 +255,8 @@ def load_classification_file(
     def load(path: Path | None) -> list[Example] | None:
         return None if path is None else parse_rows(path, read_rows(path), parse)
 
-    train, validation, test, notes = _assemble(load(train_path), load(val_path), load(test_path), split_seed)
+    train = parse_rows(train_path, read_rows(train_path), parse)  # required: never None, unlike the other two
+    train, validation, test, notes = _assemble(train, load(val_path), load(test_path), split_seed)
     return TaskData(
         name=name,
         kind="regression" if regression else "classification",

@@ -22,18 +22,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import DataError
-from .example import Example, TaskData
+from .example import Example, TaskData, TaskKind
 from .generic import mc_row_parser
 from .glue import GLUE_TASKS, glue_parser
 from .io import parse_rows
 from .prompts import mc_example
 from .qa import boolq_parser, choices_parser, scienceqa_parser
 from .registry import register_task
-from .rotten_tomatoes import LABEL_NAMES as RT_LABELS, review_prompt
+from .rotten_tomatoes import LABEL_NAMES as RT_LABELS
+from .rotten_tomatoes import review_prompt
 from .splits import DEFAULT_SPLIT_SEED, example_key, validation_from_train
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,9 @@ def load_hub(
             "hub is reachable (HF_HUB_OFFLINE=1 allows only datasets already cached)"
         ) from err
 
-    kind, metric, label_names, num_labels = "multiple_choice", "accuracy", (), 0
+    kind: TaskKind = "multiple_choice"
+    label_names: tuple[str, ...] = ()
+    metric, num_labels = "accuracy", 0
     if fmt == "glue":
         if glue_task not in GLUE_TASKS:
             raise DataError(f"unknown GLUE config {config!r}; available: {', '.join(GLUE_TASKS)}")

@@ -12,8 +12,9 @@ import gzip
 import io
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .errors import DataFileNotFoundError, MalformedRowError
 
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Row = dict[str, Any]
+# The csv.QUOTE_* constants (QUOTE_MINIMAL, QUOTE_ALL, QUOTE_NONNUMERIC, QUOTE_NONE), as csv.reader accepts them.
+CsvQuoting = Literal[0, 1, 2, 3]
 
 
 def require_file(path: str | Path, what: str = "dataset file", hint: str = "") -> Path:
@@ -100,7 +103,7 @@ def read_delimited(
     *,
     delimiter: str = ",",
     columns: Sequence[str] | None = None,
-    quoting: int = csv.QUOTE_MINIMAL,
+    quoting: CsvQuoting = csv.QUOTE_MINIMAL,
     min_columns: int | None = None,
 ) -> Iterator[tuple[int, Row]]:
     """``(line, row)`` for every record of a CSV / TSV file.

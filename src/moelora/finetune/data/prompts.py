@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import LabelOutOfRangeError, MalformedRowError
 from .example import Example

@@ -22,8 +22,9 @@ Every task is posed in the paper's multiple-choice format (``prompts.py``). Spli
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import DataError, LabelOutOfRangeError, MalformedRowError
 from .example import Example, TaskData
@@ -93,7 +94,8 @@ def load_scienceqa(
     return TaskData(
         name=name, kind="multiple_choice", metric="accuracy", answer_format=answer_format,
         num_labels=max((len(e.options) for s in splits.values() for e in s), default=2),
-        description="ScienceQA, text-only problems (no image), official splits", **splits,
+        description="ScienceQA, text-only problems (no image), official splits",
+        train=splits["train"], validation=splits["validation"], test=splits["test"],
     )
 
 
@@ -115,7 +117,7 @@ def choices_parser(answer_format: str = "letter", *, use_fact: bool = False) -> 
         if question is None:
             raise MalformedRowError("missing field 'question' (or 'question.stem')")
         if isinstance(choices, dict):  # hub layout: parallel lists
-            choices = [{"label": l, "text": t} for l, t in zip(choices["label"], choices["text"])]
+            choices = [{"label": label, "text": t} for label, t in zip(choices["label"], choices["text"])]
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             raise MalformedRowError("'choices' must be a list of {label, text} objects")
         labels = [str(c.get("label", "")).strip() for c in choices]
@@ -162,7 +164,7 @@ def load_openbookqa(
     """OpenBookQA with its official train / dev / test splits."""
     root = _need_dir(data_dir, name, "train.jsonl, dev.jsonl, test.jsonl")
     parse = choices_parser(answer_format, use_fact=use_fact)
-    splits = {}
+    splits: dict[str, list[Example]] = {}
     for split, stem in (("train", "train"), ("validation", "dev"), ("test", "test")):
         splits[split] = _load_jsonl(
             find_file(root, [f"{stem}.jsonl", f"Main/{stem}.jsonl", f"Additional/{stem}_complete.jsonl"],
@@ -171,7 +173,8 @@ def load_openbookqa(
         )
     return TaskData(
         name=name, kind="multiple_choice", metric="accuracy", num_labels=4, answer_format=answer_format,
-        description="OpenBookQA, official splits", **splits,
+        description="OpenBookQA, official splits",
+        train=splits["train"], validation=splits["validation"], test=splits["test"],
     )
 
 

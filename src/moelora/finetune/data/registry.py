@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UnknownOptionError, UnknownTaskError
 from .example import TaskData

@@ -9,7 +9,8 @@ reordered in the source file.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .example import Example
@@ -22,12 +23,12 @@ DEFAULT_SPLIT_SEED = 0
 def hash_order(items: Sequence[T], key: Callable[[T], str], split_seed: int = DEFAULT_SPLIT_SEED) -> list[T]:
     """``items`` sorted by the hash of ``f"{split_seed}:{key(item)}"`` (ties keep their input order)."""
     def digest(item: T) -> bytes:
-        return hashlib.sha256(f"{split_seed}:{key(item)}".encode("utf-8")).digest()
+        return hashlib.sha256(f"{split_seed}:{key(item)}".encode()).digest()
 
     return sorted(items, key=digest)
 
 
-def example_key(example: "Example") -> str:
+def example_key(example: Example) -> str:
     """A hash key of an example that does not depend on its prompt format (inputs, id and label)."""
     return f"{example.text}\x1f{example.text_pair}\x1f{example.uid}\x1f{example.label}"
 

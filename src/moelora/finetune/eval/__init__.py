@@ -25,10 +25,10 @@ from .metrics import (
 from .scoring import score_options
 
 __all__ = [
+    "METRICS",
     "Difference",
     "EvalResult",
     "Interval",
-    "METRICS",
     "accuracy",
     "bootstrap_interval",
     "evaluate",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ class EvalResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         """The inverse of ``to_dict`` (per-example scores are not stored, so they come back as ``None``)."""
         interval = data.get("interval")
         return cls(
@@ -203,6 +204,7 @@ def evaluate(
         correct = [p == y for p, y in zip(predictions, labels)]
         metrics["accuracy"] = accuracy(predictions, labels)
     if task.metric == "accuracy":
+        assert correct is not None  # accuracy is a classification metric, so correct was set above
         interval = wilson_interval(sum(correct), len(correct), confidence)
     else:
         interval = bootstrap_interval(metric_fn, predictions, labels, n_resamples=n_resamples,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,7 +59,9 @@ def generate_texts(
             indices = order[start : start + batch_size]
             batch = pad_batch([encoded[i] for i in indices], collator.pad_id, padding_side="left")
             input_ids = batch["input_ids"].to(device)
-            out = model.generate(
+            # nn.Module's stubs type attributes as Tensor | Module; generate is transformers' GenerationMixin method.
+            generate = cast(Callable[..., torch.Tensor], model.generate)
+            out = generate(
                 input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), generation_config=config
             )
             new = out[:, input_ids.shape[1] :]
@@ -79,9 +82,9 @@ def extract_letter(text: str, num_options: int) -> int:
             letter = match.group(1).upper() if pattern is _ANSWER_IS else match.group(1)
             if letter in valid:
                 return valid.index(letter)
-    match = _LEADING.match(text)
-    if match and match.group(1) in valid:
-        return valid.index(match.group(1))
+    leading = _LEADING.match(text)
+    if leading and leading.group(1) in valid:
+        return valid.index(leading.group(1))
     return -1
 
 

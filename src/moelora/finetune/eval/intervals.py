@@ -4,9 +4,9 @@ bootstrap for the difference between two systems evaluated on the same examples.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
-from typing import Callable
 
 import numpy as np
 

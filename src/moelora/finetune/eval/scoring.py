@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ def _model_inputs(batch: dict[str, torch.Tensor], accepted: set[str]) -> dict[st
 
 def _last_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: int, accepted: set[str]) -> torch.Tensor:
     """Log-probabilities ``(B, keep, V)`` (float32) at the last ``keep`` positions."""
-    inputs = _model_inputs(batch, accepted)
+    inputs: dict[str, Any] = _model_inputs(batch, accepted)  # tensors plus the use_cache flag
     if "use_cache" in accepted:
         inputs["use_cache"] = False
     if "logits_to_keep" in accepted:
