@@ -2,7 +2,7 @@
 
     python examples/hf_trainer.py                     # tiny random Llama, in-memory data, a few seconds on a CPU
     python examples/hf_trainer.py --model models/Llama-3.2-3B --task scienceqa --data-dir data/scienceqa \
-        --steps 2000 --batch-size 8 --grad-accum 10 --optimizer adamw --lr 1e-5
+        --steps 2000 --batch-size 8 --grad-accum 10 --optimizer adamw --lr 1e-5 --bf16
 
 ``Trainer`` runs the loop (devices, gradient accumulation, logging, mixed precision, launchers);
 ``moelora`` supplies the adapter (``moelora.wrap``), the optimizer (``RiemannianAdamW`` or
@@ -62,12 +62,13 @@ class LossHistory(TrainerCallback):
 def main(model_path: str | None = None, task: str | None = None, data_dir: str | None = None,
          out_dir: str = "runs/examples/hf_trainer", steps: int = 30, batch_size: int = 8, grad_accum: int = 1,
          optimizer: str = "adamw", lr: float | None = None, router_lr: float | None = None,
-         preconditioner: str = "riemannian", gate_power: float = 0.5, seed: int = 0) -> dict:
+         preconditioner: str = "riemannian", gate_power: float = 0.5, seed: int = 0, bf16: bool = False) -> dict:
     """Train with ``Trainer``, save the adapter, load it back into the base model and compare logits.
 
     ``batch_size`` is per device and per micro-batch (``Trainer``'s convention); one optimizer step sees
-    ``batch_size * grad_accum * devices`` sequences. Learning rates default to the paper's for a real
-    model (experts 1e-5 AdamW / 3e-5 SGD, routers 3e-8) and to larger ones for the tiny random model.
+    ``batch_size * grad_accum * devices`` sequences. ``bf16`` runs the forward pass under bf16 autocast
+    (``TrainingArguments(bf16=True)``); the adapters and the optimizer state stay in float32. Learning
+    rates default to the paper's for a real model (experts 1e-5 AdamW / 3e-5 SGD, routers 3e-8) and to larger ones for the tiny random model.
     """
     tiny = model_path is None
     lr = lr or (1e-2 if tiny else {"adamw": 1e-5, "sgd": 3e-5}[optimizer])
@@ -97,6 +98,7 @@ def main(model_path: str | None = None, task: str | None = None, data_dir: str |
         # 1.0 by default. The method clips the routers alone, which the optimizer above already does,
         # and expert gradients must reach the preconditioner unclipped: turn Trainer's clipping off.
         max_grad_norm=0,
+        bf16=bf16,
         # Our collator turns Example objects into batches; Trainer must not drop their "unused" fields.
         remove_unused_columns=False,
         logging_steps=1,
@@ -143,4 +145,5 @@ if __name__ == "__main__":
     parser.add_argument("--preconditioner", choices=["riemannian", "gate_rescaled", "none"], default="riemannian")
     parser.add_argument("--gate-power", type=float, default=0.5, help="1.0: per-expert baseline, 0.5: the paper")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 adapters and optimizer state)")
     main(**vars(parser.parse_args()))

@@ -42,3 +42,16 @@ def test_example_other_variants_run(tmp_path):
     assert len(result["losses"]) == 4 and all(map(torch.isfinite, torch.tensor(result["losses"])))
     assert result["reload_matches"]
     assert moelora.read_adapter_config(tmp_path / "a")[0].gate_backward_power == 1.0
+
+
+def test_hf_trainer_with_bf16_autocast(tmp_path):
+    """transformers.Trainer(bf16=True) with RiemannianAdamW: bf16 autocast, float32 adapters."""
+    result = _load("hf_trainer").main(out_dir=str(tmp_path / "bf16"), steps=12, bf16=True)
+    losses = result["losses"]
+    assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, f"loss did not go down: {losses}"
+    config, _ = moelora.read_adapter_config(tmp_path / "bf16")
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "adapter_model.safetensors")).values()} == {torch.float32}
+    assert result["reload_matches"]

@@ -10,6 +10,7 @@ An adapter folder holds two files, both safe to load from an untrusted source:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .atomic import atomic_write, write_text_atomic
 from .config import MoELoRAConfig
 from .errors import AdapterError, AdapterNotFoundError
 from .inject import CONFIG_ATTR, moelora_layers, unwrap, wrap
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,11 +43,36 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: param.detach() for key, param in _adapter_parameters(model).items()}
 
 
+def _quantization_of(module: nn.Module) -> str | None:
+    """How a wrapped base module is quantised (``None``: a plain floating-point weight), from its class and
+    weight alone, so that no quantisation library is imported."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    if cls.__module__.startswith("bitsandbytes"):
+        if cls.__name__ == "Linear8bitLt":
+            return "bitsandbytes-int8"
+        return f"bitsandbytes-{getattr(weight, 'quant_type', None) or '4bit'}"
+    if cls.__name__ == "HQQLinear":
+        return "hqq"
+    if cls.__module__.startswith("optimum.quanto"):
+        return "quanto"
+    if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter):
+        return f"{type(weight).__module__.split('.')[0]}-{type(weight).__name__}"  # e.g. torchao's subclasses
+    return None
+
+
+def base_quantization(model: nn.Module) -> str | None:
+    """The quantisation of the wrapped modules' bases (``"bitsandbytes-nf4"`` ...), None when unquantised."""
+    kinds = sorted({kind for _, layer in moelora_layers(model) if (kind := _quantization_of(layer.base_layer))})
+    return ", ".join(kinds) or None
+
+
 def _base_model_identity(model: nn.Module) -> dict:
     return {
         "class_name": type(model).__name__,
         "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "modules": {name: [layer.in_features, layer.out_features] for name, layer in moelora_layers(model)},
+        "quantization": base_quantization(model),
     }
 
 
@@ -137,6 +165,10 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
             f"the adapter has module {missing[0]!r} ({len(missing)} in all) that the base model lacks; "
             f"load the adapter into the base model it was trained on ({base_class})"
         )
+    saved_quantization, current = meta.get("base_model", {}).get("quantization"), base_quantization(model)
+    if saved_quantization != current:  # same shapes: the adapter applies, on a differently stored base
+        logger.info("the adapter in %s was trained on a base quantised as %s; this base is %s", directory,
+                    saved_quantization or "none (floating point)", current or "none (floating point)")
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise AdapterNotFoundError(f"missing {weights_path}")

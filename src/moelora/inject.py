@@ -31,13 +31,15 @@ def moelora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` and anything that declares integer ``in_features`` / ``out_features`` (bitsandbytes,
+    torchao, quanto and HQQ linears, whatever their weight looks like), and transformers' ``Conv1D``."""
     if isinstance(module, MoELoRALinear):
         return False
     if isinstance(module, nn.Linear) or _is_conv1d(module):
         return True
     return isinstance(getattr(module, "in_features", None), int) and isinstance(
         getattr(module, "out_features", None), int
-    ) and hasattr(module, "weight")
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

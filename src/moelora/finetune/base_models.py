@@ -20,7 +20,9 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from .cache import default_cache_dir
+from .devices import AUTOCAST_DTYPES
 from .errors import ConfigError, ModelNotFoundError
+from .quantization import bitsandbytes_config, quantize_linears, require_bitsandbytes
 from .run_config import ModelDType
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,14 @@ def byte_level_tokenizer():
 
 
 def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: dict | None = None,
-                             num_labels: int | None = None, seed: int = 0,
-                             trust_remote_code: bool = False) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``name`` (see the module docstring); models come back in eval mode."""
+                             num_labels: int | None = None, seed: int = 0, trust_remote_code: bool = False,
+                             quantization: str = "none", compute_dtype: torch.dtype = torch.float32,
+                             device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``name`` (see the module docstring), on ``device``, in eval mode.
+
+    ``quantization`` (``none``, ``nf4``, ``fp4``, ``int8``) quantises the base's linear layers with
+    bitsandbytes (``moelora.finetune.quantization``), computing in ``compute_dtype``.
+    """
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -102,6 +109,8 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
+    device = torch.device(device)
+    require_bitsandbytes(quantization)
     if name == RANDOM_LLAMA:
         tokenizer = byte_level_tokenizer()
         values: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -111,7 +120,9 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model: Any = LlamaForCausalLM(LlamaConfig(**values))
-            model = model.to(torch_dtype)
+            model = model.to(device=device, dtype=torch_dtype)
+        if quantization != "none":
+            quantize_linears(model, quantization, compute_dtype, device)
         model.config.name_or_path = RANDOM_LLAMA
         return model.eval(), tokenizer
     if name == SMOLLM2:
@@ -125,8 +136,11 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
                 f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}) nor a "
                 f"folder with a config.json"
             )
-    remote = {"trust_remote_code": trust_remote_code}
+    remote: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(folder, **remote)
+    if quantization != "none":  # transformers quantises while loading, straight onto the device
+        remote.update(quantization_config=bitsandbytes_config(quantization, compute_dtype),
+                      device_map={"": str(device)})
     if num_labels is not None:
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=num_labels, dtype=torch_dtype, **remote
@@ -143,17 +157,23 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
                 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype, **remote)
             except ValueError:
                 raise err from None
+    if quantization == "none":
+        model = model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.name_or_path = name
     return model.eval(), tokenizer
 
 
-def load_base_for_run(config, num_labels: int | None = None) -> tuple[nn.Module, object]:
-    """The base model and tokenizer a run configuration (``RunConfig``) names; ``num_labels`` sizes the
-    classification head of an encoder (ignored for causal LMs)."""
+def load_base_for_run(config, num_labels: int | None = None,
+                      device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """The base model and tokenizer a run configuration (``RunConfig``) names, on ``device``; ``num_labels``
+    sizes the classification head of an encoder (ignored for causal LMs). A quantised base computes in the
+    run's precision."""
     m = config.model
+    compute_dtype = AUTOCAST_DTYPES.get(config.train.precision, torch.float32)
     return load_model_and_tokenizer(
         m.name, m.dtype, m.random_config, num_labels=num_labels if is_encoder(m.name) else None,
-        seed=config.train.seed, trust_remote_code=m.trust_remote_code,
+        seed=config.train.seed, trust_remote_code=m.trust_remote_code, quantization=m.quantization,
+        compute_dtype=compute_dtype, device=device,
     )

@@ -101,11 +101,14 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     np_state = cast(tuple, np.random.get_state(legacy=True))  # legacy=True returns the tuple form
-    return {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one state per visible GPU (dropout masks draw there)
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -114,6 +117,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) != torch.cuda.device_count():
+            raise TrainingError(
+                f"the checkpoint holds the random state of {len(cuda_states)} GPU(s), this machine has "
+                f"{torch.cuda.device_count()}: resume with as many visible GPUs (CUDA_VISIBLE_DEVICES)"
+            )
+        torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

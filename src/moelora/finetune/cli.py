@@ -45,6 +45,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--method", choices=get_args(LMEvalMethod), help="default: the run's eval.method")
     p.add_argument("--max-examples", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -53,6 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
 
 
 def _add_bench(sub) -> None:
@@ -96,11 +98,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(run_dir: str, task: str | None = None):
-    """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head."""
+def _load_run(run_dir: str, task: str | None = None, device: str | None = None):
+    """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head, on
+    ``device`` (default: the run's ``train.device``)."""
     from ..adapter import load_adapter
     from .base_models import load_base_for_run
     from .checkpoint import list_checkpoints, load_other_trainable
+    from .devices import check_precision, resolve_device
     from .tasks import TaskRuntime
 
     folder = Path(run_dir)
@@ -109,8 +113,10 @@ def _load_run(run_dir: str, task: str | None = None):
     config = load_config(folder / "config.yaml")
     if task:
         config.data.task = task
+    target = resolve_device(device or config.train.device)
+    check_precision(config.train.precision, target)
     runtime = TaskRuntime.load(config)
-    model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels)
+    model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels, device=target)
     load_adapter(model, folder / "adapter")
     checkpoints = list_checkpoints(folder / "checkpoints")
     if checkpoints:  # a trained classification head lives beside the adapter in the last checkpoint
@@ -120,11 +126,15 @@ def _load_run(run_dir: str, task: str | None = None):
 
 
 def cmd_eval(args) -> int:
-    config, runtime, _, _ = _load_run(args.run_dir, task=args.data)
+    from .devices import autocast
+
+    config, runtime, model, _ = _load_run(args.run_dir, task=args.data, device=args.device)
     if args.method:
         config.eval.method = args.method
     examples = runtime.task.split(args.split)[: args.max_examples]
-    result = runtime.evaluate(examples, progress=not args.no_progress, label=args.split)
+    device = next(model.parameters()).device
+    with autocast(config.train.precision, device):  # evaluate as the run trained
+        result = runtime.evaluate(examples, progress=not args.no_progress, label=args.split)
     print(json.dumps(result.to_dict(per_example=False), indent=2))
     return 0
 
@@ -133,12 +143,14 @@ def cmd_generate(args) -> int:
     import torch
 
     from .base_models import is_encoder
+    from .devices import autocast
 
-    config, _, model, tokenizer = _load_run(args.run_dir)
+    config, _, model, tokenizer = _load_run(args.run_dir, device=args.device)
     if is_encoder(config.model.name):
         raise ConfigError("generate needs a causal language model; this run trained an encoder classifier")
-    encoded = tokenizer(args.prompt, return_tensors="pt")
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    encoded = tokenizer(args.prompt, return_tensors="pt").to(device)
+    with torch.no_grad(), autocast(config.train.precision, device):
         out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))

@@ -25,7 +25,9 @@ import yaml
 
 from ..config import MoELoRAConfig, OptimizerName, Preconditioner
 from ..errors import ConfigError
+from .devices import Precision, check_device_name
 from .eval.evaluate import LMEvalMethod
+from .quantization import Quantization, require_bitsandbytes
 
 __all__ = [
     "ConfigError",
@@ -56,7 +58,9 @@ class ModelConfig:
         name: ``smollm2-135m-instruct`` (bundled), ``minilm`` (the bundled all-MiniLM-L6-v2 encoder, with a
             classification head), ``random-llama`` (a tiny random Llama for smoke tests) or a local
             Hugging Face model folder.
-        dtype: storage dtype of the base model's weights.
+        dtype: storage dtype of the base model's weights (of its non-quantised ones with ``quantization``).
+        quantization: ``nf4`` (QLoRA, the paper's: NF4 with double quantisation), ``fp4`` or ``int8``
+            quantise the base's linear layers with bitsandbytes, computing in ``train.precision``.
         random_config: ``LlamaConfig`` values of ``random-llama`` (e.g. ``hidden_size``).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         trust_remote_code: allow a local model folder's own Python code to run (only for folders you trust).
@@ -64,6 +68,7 @@ class ModelConfig:
 
     name: str = "smollm2-135m-instruct"
     dtype: ModelDType = "float32"
+    quantization: Quantization = "none"
     random_config: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -149,6 +154,10 @@ class TrainConfig:
         keep_checkpoints: keep this many newest checkpoints.
         log_every: a ``metrics.jsonl`` line every this many steps.
         seed: seed of the adapter's initialisation and of the data order.
+        device: ``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; under
+            torchrun each process takes ``cuda:LOCAL_RANK``.
+        precision: ``bf16`` / ``fp16`` run the forward pass under autocast with float32 adapters and optimizer
+            state (``fp16`` with a gradient scaler, GPU only); the base keeps ``model.dtype``.
     """
 
     steps: int = 80
@@ -162,6 +171,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 5
     seed: int = 0
+    device: str = "auto"
+    precision: Precision = "fp32"
 
 
 @dataclass
@@ -355,6 +366,8 @@ def validate(config: RunConfig) -> None:
                 f"optim.{f.name} applies only to optim.name={only}, but this run uses optim.name={optim.name}: "
                 f"remove optim.{f.name} (or set optim.name={only})"
             )
+    check_device_name(config.train.device)
+    require_bitsandbytes(config.model.quantization)
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(config.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(config.train, name)}")

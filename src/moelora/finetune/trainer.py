@@ -45,11 +45,13 @@ from ..inject import wrap
 from . import checkpoint as ckpt
 from .base_models import load_base_for_run
 from .batching import StepBatches
+from .devices import autocast, check_precision, grad_scaler, resolve_device
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .eval import EvalResult
 from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
 from .optimizers import build_optimizer
+from .quantization import prepare_for_kbit_training
 from .run_config import RunConfig, dump_config
 from .schedule import build_scheduler
 from .tasks import TaskRuntime
@@ -161,6 +163,8 @@ class Trainer:
         self.scheduler: Any = None
         self.start_step = 0
         self.zero_shot: EvalResult | None = None
+        self.device = torch.device("cpu")
+        self.scaler: torch.amp.GradScaler | None = None
         self._loss_module: nn.Module | None = None
         self._plan: StepBatches | None = None
         self._train_time = 0.0
@@ -189,6 +193,8 @@ class Trainer:
         if not self._distributed:
             self.ctx, self._distributed = init_distributed(), True
         ctx, tcfg = self.ctx, cfg.train
+        self.device = resolve_device(tcfg.device, ctx.local_rank, ctx.enabled)
+        check_precision(tcfg.precision, self.device)
         micro_size = tcfg.batch_size // tcfg.grad_accum
         if micro_size < ctx.world_size:
             raise TrainingError(
@@ -205,12 +211,14 @@ class Trainer:
 
         runtime = self.runtime = TaskRuntime.load(cfg)
         model: Any
-        model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels)
+        model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels, device=self.device)
         self.model = model
         runtime.attach(model, self.tokenizer)
+        if cfg.model.quantization != "none":
+            prepare_for_kbit_training(model, cfg.model.gradient_checkpointing)
         self.zero_shot = self._zero_shot()
 
-        wrap(model, dataclasses.replace(cfg.adapter))
+        wrap(model, dataclasses.replace(cfg.adapter))  # the adapters are created on the base's device
         runtime.after_wrap(model)
         if cfg.model.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
@@ -219,6 +227,7 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = build_optimizer(model, cfg.optim)
+        self.scaler = grad_scaler(tcfg.precision, self.device)
         self.scheduler = build_scheduler(self.optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -226,7 +235,8 @@ class Trainer:
 
         loss_module: nn.Module = (SequenceClassificationLoss if runtime.encoder else CausalLMAnswerLoss)(model)
         if ctx.enabled:
-            loss_module = DistributedDataParallel(loss_module, find_unused_parameters=False)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            loss_module = DistributedDataParallel(loss_module, device_ids=device_ids, find_unused_parameters=False)
         self._loss_module = loss_module
         self._plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
 
@@ -263,7 +273,8 @@ class Trainer:
         if path.is_file():
             result = EvalResult.from_dict(json.loads(path.read_text()))
         elif self.ctx.is_main:
-            result = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="zero-shot")
+            with self._autocast():
+                result = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="zero-shot")
             self._write("eval_zero_shot.json", json.dumps(result.to_dict()))
             self._notify_eval("zero-shot", 0, result)
         self.ctx.barrier()
@@ -310,18 +321,21 @@ class Trainer:
         micro_batches = [self.runtime.collate_train(ids)
                          for ids in self._plan.micro_batches(step, ctx.rank, ctx.world_size)]
         local_targets = sum(int(b["n_targets"]) for b in micro_batches)
-        total_targets = int(ctx.sum(torch.tensor(float(local_targets))).item())
-        loss_total = torch.zeros(())
+        total_targets = int(ctx.sum(torch.tensor(float(local_targets), device=self.device)).item())
+        loss_total = torch.zeros((), device=self.device)
         tokens = 0
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             context = (cast(DistributedDataParallel, loss_module).no_sync() if ctx.enabled and not sync
                        else contextlib.nullcontext())
             with context:
-                loss_sum, _ = loss_module(**batch["inputs"])
+                inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch["inputs"].items()}
+                with self._autocast():
+                    loss_sum, _ = loss_module(**inputs)
                 # DDP averages gradients over processes, hence the world-size factor: the result is the
                 # mean over every target token of the global batch.
-                (loss_sum * (ctx.world_size / total_targets)).backward()
+                loss = loss_sum * (ctx.world_size / total_targets)
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_total += loss_sum.detach()
             tokens += int(batch["n_tokens"])
         loss_value = float(ctx.sum(loss_total)) / total_targets
@@ -332,7 +346,11 @@ class Trainer:
                 f"non-finite training loss ({loss_value}) at step {step + 1}; stopping ({where}). "
                 f"Try a lower optim.lr or optim.router_lr."
             )
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # unscales the gradients first (the optimizer clips the routers on true values); skips inf steps
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._last_loss = loss_value
@@ -341,7 +359,8 @@ class Trainer:
     def _log_training(self, done: int, loss: float, window: _LossWindow, bar: Any) -> None:
         assert self.optimizer is not None and self.model is not None
         now = time.perf_counter()
-        tokens_per_s = float(self.ctx.sum(torch.tensor(float(window.tokens)))) / max(now - window.start, 1e-9)
+        tokens = self.ctx.sum(torch.tensor(float(window.tokens), device=self.device))
+        tokens_per_s = float(tokens) / max(now - window.start, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"step": done, "loss": window.mean_loss, "last_step_loss": loss, "lr": lr,
                                   "tokens_per_s": tokens_per_s}
@@ -356,7 +375,8 @@ class Trainer:
     def _validate(self, step: int) -> EvalResult:
         assert self.runtime is not None
         examples = self.runtime.task.validation[: self.config.train.eval_examples]
-        result = self.runtime.evaluate(examples, progress=False, label="validation")
+        with self._autocast():
+            result = self.runtime.evaluate(examples, progress=False, label="validation")
         self._log({"step": step, "split": "validation", **_metric_fields(result)})
         self._notify_eval("validation", step, result)
         return result
@@ -375,7 +395,8 @@ class Trainer:
             save_adapter(self.model, self.run_dir / "adapter")
             validation = self._validate(steps) if self.config.train.eval_every else None
             if test:
-                final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="fine-tuned")
+                with self._autocast():
+                    final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="fine-tuned")
                 self._log({"step": steps, "split": "test", **_metric_fields(final)})
                 self._notify_eval("test", steps, final)
             reported = final or validation
@@ -405,7 +426,10 @@ class Trainer:
             save_adapter(model, folder / "adapter")
             ckpt.save_other_trainable(model, folder)
             ckpt.save_state(optimizer.state_dict(), folder, "optimizer")
-            ckpt.save_state({"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state()}, folder, "loop_state")
+            loop_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state()}
+            if self.scaler is not None:
+                loop_state["grad_scaler"] = self.scaler.state_dict()
+            ckpt.save_state(loop_state, folder, "loop_state")
             (folder / "trainer_state.json").write_text(
                 json.dumps({"step": step, "identity": _identity(self.config)}, indent=2)
             )
@@ -423,7 +447,12 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         loop_state = ckpt.load_state(path, "loop_state")
         self.scheduler.load_state_dict(loop_state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in loop_state:
+            self.scaler.load_state_dict(loop_state["grad_scaler"])
         ckpt.set_rng_state(loop_state["rng"])
+
+    def _autocast(self):
+        return autocast(self.config.train.precision, self.device)
 
     # --------------------------------------------------------------------------------------- output
     def _write(self, name: str, text: str) -> None:

@@ -10,7 +10,9 @@ one for the gated mix of the experts' outputs (``GatedExpertMix``), which applie
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
 import weakref
 from typing import Any
@@ -112,6 +114,20 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def _module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer (a quantised linear may have no ``weight``)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device if tensor.device.type != "meta" else None
+    return None
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, or None when autocast is off there."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def default_adapter_dtype(base: nn.Module) -> torch.dtype:
     """Adapters train in float32 (float64 beside a float64 base), whatever the base precision."""
     weight = getattr(base, "weight", None)
@@ -183,8 +199,7 @@ class MoELoRALinear(nn.Module):
                 raise ConfigError(f"expert_compute='sparse' cannot run: {problem}; use 'auto' or 'dense'")
         self.expert_compute = expert_compute
 
-        weight = getattr(base_layer, "weight", None)
-        device = weight.device if weight is not None and weight.device.type != "meta" else None
+        device = _module_device(base_layer)
         dtype = dtype or default_adapter_dtype(base_layer)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, device=device, dtype=dtype))
@@ -275,46 +290,74 @@ class MoELoRALinear(nn.Module):
             keep = keep_mask(tokens.shape, self.dropout, tokens.device)
             scaling = self.scaling / keep_probability(self.dropout, tokens.device)  # drop(x) = x * m / q
         if self.uses_sparse(tokens):
-            return self._forward_sparse(x, tokens, keep, scaling, args, kwargs)
-        a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
-        fused = not args and not kwargs and self._base_is_fusable(tokens)
-        if fused:
-            base = self.base_layer
-            result, h, logits = InputProjection.apply(tokens, base.weight, base.bias, a_cat,
-                                                      self.router.weight, keep)
+            out = self._forward_sparse(x, tokens, keep, scaling, args, kwargs)
         else:
+            out = self._forward_dense(x, tokens, keep, scaling, args, kwargs)
+        return out.view(*lead_shape, self.out_features)
+
+    def _forward_dense(self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None, scaling: float,
+                       args: tuple, kwargs: dict) -> torch.Tensor:
+        """Every expert on every token: ``InputProjection`` then ``GatedExpertMix``, ``(T, d_out)``.
+
+        Under ``torch.autocast`` the adapter computes in the autocast dtype with every operand cast
+        explicitly (autocast does not cast inside autograd Functions, nor the operands of in-place ops),
+        while its parameters, and so their gradients, stay in their own (float32) dtype.
+        """
+        compute = autocast_dtype(tokens.device.type)
+        fused = not args and not kwargs and self._base_is_fusable(tokens, compute)
+        if not fused:  # the base module's own forward, under the caller's autocast state
             result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
-            h, logits = InputProjection.apply(tokens.to(self.lora_A.dtype), None, None, a_cat,
-                                              self.router.weight, keep)
-        gates = self.route(logits).to(h.dtype)
-        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
-        if result.dtype == h.dtype:
-            # The fused base output is a fresh tensor of ours: the experts' GEMM accumulates into it.
-            out = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power, result, fused)
-            return out.view(*lead_shape, self.out_features)
-        delta = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power)
-        return (result + delta.to(result.dtype)).view(*lead_shape, self.out_features)
+        dtype = compute or self.lora_A.dtype
+        with torch.autocast(tokens.device.type, enabled=False) if compute is not None else contextlib.nullcontext():
+            a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features).to(dtype)
+            router = self.router.weight.to(dtype)
+            if fused:
+                base = self.base_layer
+                assert isinstance(base, nn.Linear)
+                bias = None if base.bias is None else base.bias.to(dtype)
+                result, h, logits = InputProjection.apply(tokens.to(dtype), base.weight.to(dtype), bias, a_cat,
+                                                          router, keep)
+            else:
+                h, logits = InputProjection.apply(tokens.to(dtype), None, None, a_cat, router, keep)
+            gates = self.route(logits).to(dtype)
+            b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1).to(dtype)
+            if result.dtype == dtype:
+                # The fused base output is a fresh tensor of ours: the experts' GEMM accumulates into it.
+                return GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power, result, fused)
+            delta = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power)
+        return result + delta.to(result.dtype)
 
     def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None, scaling: float,
                         args: tuple, kwargs: dict) -> torch.Tensor:
-        """The same function as the dense path, computing only the ``T * top_k`` selected pairs."""
-        result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
-        adapter_in = tokens.to(self.lora_A.dtype)
-        logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
-        weights, index = top_k_routing(logits, self.top_k)
-        self._record_gates(torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index, weights.detach()))
-        expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
-        outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
-                                                 self.gate_backward_power)
-        out = result.index_add(0, token_of, outputs.to(result.dtype))
-        return out.view(*x.shape[:-1], self.out_features)
+        """The same function as the dense path, computing only the ``T * top_k`` selected pairs.
 
-    def _base_is_fusable(self, tokens: torch.Tensor) -> bool:
-        """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no
-        subclass, hook or patched ``forward``, which could change what it computes) of the adapter's dtype."""
+        The grouped GEMMs run in the adapter's dtype (float32), also under autocast.
+        """
+        result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
+        compute = autocast_dtype(tokens.device.type)
+        with torch.autocast(tokens.device.type, enabled=False) if compute is not None else contextlib.nullcontext():
+            adapter_in = tokens.to(self.lora_A.dtype)
+            logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
+            weights, index = top_k_routing(logits, self.top_k)
+            self._record_gates(torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index, weights.detach()))
+            expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
+            outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
+                                                     self.gate_backward_power)
+        return result.index_add(0, token_of, outputs.to(result.dtype))
+
+    def _base_is_fusable(self, tokens: torch.Tensor, compute: torch.dtype | None = None) -> bool:
+        """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no subclass,
+        hook or patched ``forward``, which could change what it computes) with a plain floating-point weight
+        (not a quantised tensor subclass), of the adapter's dtype (any float dtype under autocast, where
+        every operand is cast to the autocast dtype)."""
         base = self.base_layer
-        return (isinstance(base, nn.Linear) and type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-                and "forward" not in base.__dict__ and tokens.dtype == base.weight.dtype == self.lora_A.dtype)
+        if not (isinstance(base, nn.Linear) and type(base) is nn.Linear and not base._forward_hooks
+                and not base._forward_pre_hooks and "forward" not in base.__dict__):
+            return False
+        weight = base.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.dtype.is_floating_point:
+            return False
+        return compute is not None or tokens.dtype == weight.dtype == self.lora_A.dtype
 
     # ------------------------------------------------------------------------------------ statistics
     def gate_sq_mean(self) -> torch.Tensor:
