@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # that the working ones need.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo lint test test-slow bench clean
+.PHONY: install demo lint test test-slow test-quant-libs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,20 @@ lint: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Bases quantised by torchao, HQQ and quanto, in a virtual environment of their own (HQQ changes what
+# `import transformers` does, so it stays out of the main one).
+QUANT_VENV := .venv-quant
+QUANT_LIBS := torchao==0.18.0 hqq==0.2.8.post1 optimum-quanto==0.2.7
+
+$(QUANT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 transformers==5.23.0 \
+		$(QUANT_LIBS) pytest -e .
+	touch $@
+
+test-quant-libs: $(QUANT_VENV)/.installed
+	$(QUANT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_quantized_bases.py
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
@@ -45,4 +59,4 @@ bench: install
 	$(BIN)/moelora bench --quick --json docs/bench.json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(QUANT_VENV) build src/*.egg-info .pytest_cache
