@@ -11,10 +11,11 @@ import importlib.util
 
 from .errors import MoELoRAError
 
-# extra -> the import names it provides (what ``pyproject.toml`` installs under that extra)
+# extra -> the import names its package needs to import (``pyproject.toml`` installs them under that extra;
+# matplotlib, which only draws a finished run's plots, is checked by the trainer when a run starts).
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("transformers", "yaml", "tqdm", "matplotlib", "numpy"),
-    "bench": ("transformers", "yaml", "tqdm", "matplotlib", "numpy", "peft"),
+    "train": ("transformers", "yaml", "tqdm", "numpy"),
+    "bench": ("transformers", "yaml", "tqdm", "numpy", "peft"),
 }
 
 
@@ -22,9 +23,10 @@ class MissingExtraError(MoELoRAError, ImportError):
     """A part of the package was used without the pip extra that installs its dependencies."""
 
 
-def require_extra(extra: str, feature: str) -> None:
-    """Raise ``MissingExtraError`` if a module of ``extra`` is not installed; ``feature`` names the user."""
-    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+def require_extra(extra: str, feature: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise ``MissingExtraError`` if a module of ``extra`` (or of ``modules``, which ``extra`` installs) is
+    not installed; ``feature`` names what needs it."""
+    missing = [name for name in modules or EXTRAS[extra] if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingExtraError(
             f"{feature} needs the '{extra}' extra (missing: {', '.join(missing)}); "

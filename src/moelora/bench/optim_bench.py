@@ -67,11 +67,15 @@ class SmolLM2Attention(nn.Module):
 
 
 def _fill_(params: Sequence[torch.Tensor], generator: torch.Generator) -> None:
-    """Random nonzero weights ~N(0, 1/fan) and gradients ~N(0, 1e-6), like a mid-training adapter."""
+    """Random nonzero weights ~N(0, 1/fan) and gradients ~N(0, 1e-6), like a mid-training adapter.
+
+    Drawn on the CPU with ``generator`` and copied to each tensor's device: the same numbers on any device.
+    """
     with torch.no_grad():
         for p in params:
-            p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
-            p.grad = torch.empty_like(p).normal_(0.0, 1e-3, generator=generator)
+            p.copy_(torch.empty(p.shape, device="cpu").normal_(0.0, p.shape[-1] ** -0.5, generator=generator))
+            grad = torch.empty(p.shape, device="cpu").normal_(0.0, 1e-3, generator=generator)
+            p.grad = grad.to(device=p.device, dtype=p.dtype)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,7 @@ def _per_expert_loop(params: Sequence[torch.Tensor]) -> Callable[[], None]:
     def step() -> None:
         for i in range(0, len(params), 2):
             a, b = params[i].detach(), params[i + 1].detach()
-            eye = torch.eye(a.shape[1])
+            eye = torch.eye(a.shape[1], device=a.device)
             for e in range(a.shape[0]):
                 out[i][e] = torch.linalg.inv(b[e].T @ b[e] + REG * eye) @ raw[i][e]
                 out[i + 1][e] = raw[i + 1][e] @ torch.linalg.inv(a[e] @ a[e].T + REG * eye)
@@ -126,7 +130,7 @@ def _peft(blocks: int, rank: int, rounds: int) -> Callable[[], None] | None:
         logger.warning("peft is not installed: skipping the PEFT comparison")
         return None
     model = get_peft_model(
-        SmolLM2Attention(blocks),
+        SmolLM2Attention(blocks, device=torch.get_default_device()),
         LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     params = [p for n, p in model.named_parameters() if p.requires_grad]

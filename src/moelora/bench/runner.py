@@ -25,6 +25,8 @@ TARGETS = {
     "train.step.cost_vs_peft_lora": ("<=", 1.1),
     "train.throughput.speedup_vs_plain": (">=", 1.3),
     "train.memory.ratio_vs_peft_lora": ("<=", 1.1),
+    "precision.bf16.cost_vs_peft_lora": ("<=", 1.1),
+    "precision.nf4.cost_vs_peft_lora": ("<=", 1.1),
 }
 
 
@@ -48,9 +50,17 @@ def _lookup(results: dict, dotted: str):
     return node
 
 
-def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[str] | None = None) -> dict:
-    """Run the comparisons (``only`` picks some of: layer, layer_dropout, layer_sparse, optimizer, train) and print a table."""
-    from . import layer_bench, optim_bench, train_bench
+def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[str] | None = None,
+                   device: str = "cpu") -> dict:
+    """Run the comparisons (``only`` picks some of: layer, layer_dropout, layer_sparse, optimizer, train,
+    precision) and print a table. ``device="cuda"`` runs the GPU check instead (``moelora.bench.gpu_check``)."""
+    if device != "cpu":
+        if not device.startswith("cuda"):
+            raise ConfigError(f"moelora bench --device takes cpu or cuda, got {device!r}")
+        from . import gpu_check
+
+        return gpu_check.run(quick=quick, json_out=json_out)
+    from . import layer_bench, optim_bench, precision_bench, train_bench
 
     suites = {
         "layer": lambda: layer_bench.run(quick=quick),
@@ -58,6 +68,7 @@ def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[
         "layer_sparse": lambda: layer_bench.run_sparse(quick=quick),
         "optimizer": lambda: optim_bench.run(quick=quick),
         "train": lambda: train_bench.run(quick=quick),
+        "precision": lambda: precision_bench.run(quick=quick),
     }
     unknown = sorted(set(only or []) - set(suites))
     if unknown:

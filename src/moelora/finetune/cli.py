@@ -62,6 +62,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and only the fast comparisons")
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
     p.add_argument("--only", action="append", default=[], help="run only these comparisons (repeatable)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), or cuda: the GPU check (parity on CUDA, then every speed ratio on the GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +162,11 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from ..bench.runner import run_benchmarks
 
-    run_benchmarks(quick=args.quick, json_out=args.json_out, only=args.only)
+    results = run_benchmarks(quick=args.quick, json_out=args.json_out, only=args.only, device=args.device)
+    if args.device != "cpu":
+        from ..bench.gpu_check import passed
+
+        return 0 if passed(results) else 1
     return 0
 
 

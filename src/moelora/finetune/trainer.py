@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..adapter import load_adapter_weights, save_adapter
 from ..atomic import atomic_dir, write_text_atomic
 from ..diagnostics import router_stats
+from ..extras import require_extra
 from ..inject import wrap
 from . import checkpoint as ckpt
 from .base_models import load_base_for_run
@@ -190,6 +191,7 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         """Everything before the first step; under ``torchrun`` this joins the process group."""
         cfg = self.config
+        require_extra("train", "a training run's plots", ("matplotlib",))  # before hours of training, not after
         if not self._distributed:
             self.ctx, self._distributed = init_distributed(), True
         ctx, tcfg = self.ctx, cfg.train
