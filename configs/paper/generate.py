@@ -103,7 +103,8 @@ def config(model: str, optimizer: str, variant: str) -> dict:
         optim.update(momentum=0.0)
     return {
         "output_dir": f"runs/paper/{model}/{optimizer}-{variant}",
-        "model": {"name": m["path"], "dtype": "bfloat16"},
+        # The paper's base: 4-bit NF4 (double quantisation), computing in fp16; norms kept in float32.
+        "model": {"name": m["path"], "dtype": "float16", "quantization": "nf4"},
         "data": {"task": m["task"], "path": m["data"], "max_length": 512},
         "adapter": {
             "num_experts": 20,
@@ -126,6 +127,8 @@ def config(model: str, optimizer: str, variant: str) -> dict:
             "save_every": 500,
             "log_every": 10,
             "seed": 0,
+            "device": "auto",
+            "precision": "fp16",
         },
         "eval": {"method": "generate", "max_new_tokens": 10, "batch_size": 16, "zero_shot": True},
     }

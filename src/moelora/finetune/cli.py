@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notices about optional CPU kernels
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
