@@ -200,3 +200,15 @@ def test_train_on_cuda_in_bf16_and_resume_exactly_with_the_cuda_random_state(tmp
 
     # the dropout masks are drawn on the GPU: equal losses need its random state restored
     assert losses(tmp_path / "resumed")[-3:] == losses(tmp_path / "full")[-3:]
+
+
+@pytest.mark.parametrize("setting", ["train.precision=bf16", "model.quantization=nf4", "model.quantization=int8"])
+def test_the_smoke_job_trains_in_each_setting_and_its_adapter_loads_back(setting, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(SMOKE), "--no-progress", "--set", f"output_dir={run}", "--set", setting,
+                     "--set", "train.steps=3", "--set", "train.save_every=0", "--set", "train.eval_every=0",
+                     "--set", "data.max_eval=8", "--set", "eval.zero_shot=false"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert cli.main(["eval", str(run), "--max-examples", "4", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 4
+    assert cli.main(["generate", str(run), "the film was", "--max-new-tokens", "2"]) == 0
