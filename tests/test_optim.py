@@ -581,8 +581,11 @@ def test_gate_rescaled_warns_when_no_statistics_were_recorded():
         RiemannianSGD(param_groups(net, lr=0.01), preconditioner="gate_rescaled").step()
 
 
-def test_gate_statistics_are_all_reduced_under_distributed(monkeypatch):
-    """Under torch.distributed the (sum, count) pairs are summed over replicas before c^2 is formed."""
+def test_gate_statistics_are_all_reduced_for_ddp_replicas(monkeypatch):
+    """Replicas (DDP, marked by share_gate_statistics) sum their (sum, count) pairs before c^2 is formed;
+    in a multi-process job an unmarked model is an error, never a silent per-replica c^2 or a hang."""
+    from moelora.optim import share_gate_statistics
+
     net, single = make_net(), make_net()
     backward(net, seed=10)
     backward(single, seed=10)
@@ -593,9 +596,19 @@ def test_gate_statistics_are_all_reduced_under_distributed(monkeypatch):
         tensor.mul_(2)
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(RuntimeError, match="share_gate_statistics"):
+        RiemannianSGD(param_groups(net, lr=0.01), preconditioner="gate_rescaled").step()
+    assert calls == []
+    share_gate_statistics(net)
     RiemannianSGD(param_groups(net, lr=0.01), preconditioner="gate_rescaled").step()
     assert calls == [sum(layer.num_experts + 1 for layer in layers(net))]  # one all-reduce for all layers
+    alone = make_net()
+    backward(alone, seed=10)
+    share_gate_statistics(alone, False)  # a model this process trains alone: no collective
+    RiemannianSGD(param_groups(alone, lr=0.01), preconditioner="gate_rescaled").step()
+    assert len(calls) == 1
     monkeypatch.undo()
     # Doubling both sums and counts leaves every mean unchanged: the same step as a single process.
     RiemannianSGD(param_groups(single, lr=0.01), preconditioner="gate_rescaled").step()

@@ -43,6 +43,7 @@ from ..atomic import atomic_dir, write_text_atomic
 from ..diagnostics import router_stats
 from ..extras import require_extra
 from ..inject import wrap
+from ..optim import share_gate_statistics
 from . import checkpoint as ckpt
 from .base_models import load_base_for_run
 from .batching import StepBatches
@@ -239,6 +240,7 @@ class Trainer:
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             loss_module = DistributedDataParallel(loss_module, device_ids=device_ids, find_unused_parameters=False)
+            share_gate_statistics(model)  # every replica preconditions with the same gate statistics
         self._loss_module = loss_module
         self._plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
 

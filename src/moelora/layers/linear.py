@@ -11,7 +11,6 @@ one for the gated mix of the experts' outputs (``GatedExpertMix``), which applie
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 import weakref
@@ -27,9 +26,13 @@ from .projection import InputProjection
 from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
 
-# Attribute set on ``lora_A``, ``lora_B`` and the router weight: a weak reference to their layer, so an
-# optimizer can find a pair's gate statistics from a plain parameter group.
-LAYER_REF_ATTR = "_moelora_layer"
+# Every MoE-LoRA layer alive in this process. The optimizers find which layer owns a parameter, and whether
+# it is that layer's A or B, by reading the layers' current attributes (``parameter_owners``): a binding
+# by structure that survives whatever replaces Parameter objects (FSDP2's DTensors,
+# ``load_state_dict(assign=True)``, ``.to()``, a deep copy), unlike an attribute set on the Parameter.
+_LIVE_LAYERS: weakref.WeakSet[MoELoRALinear] = weakref.WeakSet()
+
+SIDE_A, SIDE_B, SIDE_ROUTER = "A", "B", "router"
 
 
 class GatedExpertMix(torch.autograd.Function):
@@ -191,6 +194,9 @@ class MoELoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         self.gate_backward_power = float(gate_backward_power)
         self.track_router_stats = track_router_stats
+        # Whether the optimizer sums the gate statistics over the default process group (DDP replicas);
+        # None: not said (an error for gate_rescaled in a multi-process job). Set by share_gate_statistics.
+        self.share_gate_stats: bool | None = None
         if expert_compute not in EXPERT_COMPUTE:
             raise ConfigError(f"expert_compute must be one of {EXPERT_COMPUTE}, got {expert_compute!r}")
         if expert_compute == "sparse":
@@ -213,7 +219,7 @@ class MoELoRALinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, device=device, dtype=torch.float32), persistent=False)
 
         self.reset_parameters(router_init, router_init_std)
-        self._attach_layer_refs()
+        _LIVE_LAYERS.add(self)
 
     # ----------------------------------------------------------------------------------------- set-up
     def reset_parameters(self, router_init: str = "kaiming", router_init_std: float = 0.02) -> None:
@@ -226,24 +232,10 @@ class MoELoRALinear(nn.Module):
             self.lora_B.zero_()
         init_router_(self.router.weight, router_init, router_init_std)
 
-    def _attach_layer_refs(self) -> None:
-        ref = weakref.ref(self)
-        for param in (self.lora_A, self.lora_B, self.router.weight):
-            setattr(param, LAYER_REF_ATTR, ref)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Dtype/device conversions may replace Parameter objects; keep their layer references.
-        out = super()._apply(fn, recurse)
-        self._attach_layer_refs()
-        return out
-
-    def __deepcopy__(self, memo: dict) -> MoELoRALinear:
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        new._attach_layer_refs()  # the copied weak references still point at the original layer
-        return new
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling and copy.deepcopy build the layer without __init__: register the new one too.
+        super().__setstate__(state)
+        _LIVE_LAYERS.add(self)
 
     # ---------------------------------------------------------------------------------------- compute
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -383,12 +375,17 @@ class MoELoRALinear(nn.Module):
         )
 
 
+def parameter_owners() -> dict[int, tuple[MoELoRALinear, str]]:
+    """``{id(parameter): (layer, side)}`` for the current ``lora_A`` (side ``"A"``), ``lora_B`` (``"B"``) and
+    router weight (``"router"``) of every live ``MoELoRALinear``, read from the layers' attributes now."""
+    owners: dict[int, tuple[MoELoRALinear, str]] = {}
+    for layer in list(_LIVE_LAYERS):
+        for side, param in ((SIDE_A, layer.lora_A), (SIDE_B, layer.lora_B), (SIDE_ROUTER, layer.router.weight)):
+            owners[id(param)] = (layer, side)
+    return owners
+
+
 def layer_of(param: torch.Tensor) -> MoELoRALinear | None:
-    """The ``MoELoRALinear`` owning ``param`` (its ``lora_A``, ``lora_B`` or router weight), else None."""
-    ref = getattr(param, LAYER_REF_ATTR, None)
-    layer = ref() if ref is not None else None
-    if layer is None:
-        return None
-    if param is layer.lora_A or param is layer.lora_B or param is layer.router.weight:
-        return layer
-    return None
+    """The live ``MoELoRALinear`` whose ``lora_A``, ``lora_B`` or router weight is ``param`` now, else None."""
+    owner = parameter_owners().get(id(param))
+    return owner[0] if owner is not None else None

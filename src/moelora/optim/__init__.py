@@ -12,7 +12,7 @@ per-expert loop, the yardstick of the tests).
 from ..config import PRECONDITIONERS
 from .adamw import RiemannianAdamW
 from .groups import GROUP_KINDS, param_groups
-from .precondition import PreconditionerError, PreconditionerWarning
+from .precondition import PreconditionerError, PreconditionerWarning, share_gate_statistics
 from .sgd import RiemannianSGD
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "RiemannianAdamW",
     "RiemannianSGD",
     "param_groups",
+    "share_gate_statistics",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .base import RiemannianOptimizer
+from .sharding import is_sharded
 
 # Passed to the fused kernel as the step count when bias correction is off: it computes
 # 1 - beta ** step, and beta ** inf == 0 exactly for 0 <= beta < 1 (IEEE 754 pow), so both corrections are 1.
@@ -107,7 +108,8 @@ class RiemannianAdamW(RiemannianOptimizer):
             buckets[(param.device, param.dtype, grads[i].dtype)].append(i)
         for (device, dtype, grad_dtype), index in buckets.items():
             args = (*([xs[i] for i in index] for xs in (params, grads, exp_avgs, exp_avg_sqs, steps)), group)
-            if _use_fused(group["fused"], device, dtype, grad_dtype):
+            # DTensors (FSDP2) take the foreach kernels, which they implement shard by shard.
+            if not is_sharded(params[index[0]]) and _use_fused(group["fused"], device, dtype, grad_dtype):
                 _fused_adamw(*args)
             else:
                 _foreach_adamw(*args)

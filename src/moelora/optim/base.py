@@ -11,9 +11,10 @@ One ``step()``:
    so that they cover exactly the forwards since the last step and never grow without bound.
 
 ``.grad`` is never modified. Parameters whose ``.grad`` is ``None`` are skipped; a zero gradient (an
-expert no token was routed to) is a gradient like any other. Runtime references to layers are rebuilt at
-every step from the parameters themselves (``moelora.layers.linear.layer_of``), so parameter groups stay plain
-dictionaries and ``state_dict`` / ``load_state_dict`` are torch's own.
+expert no token was routed to) is a gradient like any other. Which layer owns each parameter is read at
+every step from the live layers' attributes (``moelora.layers.linear.parameter_owners``): a binding by
+structure, so parameter groups stay plain dictionaries, ``state_dict`` / ``load_state_dict`` are torch's
+own, and a parameter replaced behind the optimizer's back is an error rather than a silent plain update.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 from torch.optim import Optimizer
 
 from ..config import PRECONDITIONERS
-from ..layers.linear import MoELoRALinear, layer_of
-from .groups import GROUP_KINDS, SIDE_A, SIDE_B, ExpertFactor, expert_factor
+from ..layers.linear import MoELoRALinear, parameter_owners
+from .groups import EXPERTS, GROUP_KINDS, ROUTER, SIDE_A, SIDE_B, ExpertFactor, check_intact, expert_factor
 from .precondition import GATE_RESCALED, NONE, gate_sq_means, precondition
+from .sharding import expert_offset, global_grad_norm, is_sharded, like, local
 
 
 @dataclass
@@ -117,32 +119,59 @@ class RiemannianOptimizer(Optimizer):
 
     # ---------------------------------------------------------------------------------------- helpers
     def _plan(self) -> tuple[list[_GroupWork], list[MoELoRALinear]]:
-        """Sort each group's parameters with a gradient into plain ones and expert factors to precondition."""
+        """Sort each group's parameters with a gradient into plain ones and expert factors to precondition.
+
+        Which layer owns a parameter, and whether it is that layer's A or B, is read from the live layers'
+        attributes (``parameter_owners``). A parameter of an ``"experts"`` or ``"router"`` group (as
+        ``param_groups`` builds them) that is no live layer's current parameter was replaced after the
+        optimizer was built (``load_state_dict(assign=True)``, a re-sharding, a flat partition): updating it
+        would leave the model untouched, so it is an error; so is a preconditioned experts group holding
+        something that is not an intact expert stack.
+        """
+        owners = parameter_owners()
         work = []
         layers: dict[int, MoELoRALinear] = {}
+        preconditioned_grads = 0
         for group in self.param_groups:
             w = _GroupWork(group)
             precondition_group = group["preconditioner"] != NONE
+            kind = group.get("kind")
             for param in group["params"]:
-                layer = layer_of(param)
-                if layer is not None:
-                    layers[id(layer)] = layer
+                owner = owners.get(id(param))
+                if owner is None and kind in (EXPERTS, ROUTER):
+                    raise _not_a_stack(param, kind, group["preconditioner"])
+                if owner is not None:
+                    layers[id(owner[0])] = owner[0]
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                factor = expert_factor(param, layer) if precondition_group else None
+                factor = None
+                if precondition_group and owner is not None and owner[1] in (SIDE_A, SIDE_B):
+                    factor = expert_factor(param, owner[0])
+                    assert factor is not None
+                    check_intact(factor)
+                elif precondition_group and kind == EXPERTS:
+                    raise _not_a_stack(param, kind, group["preconditioner"])
                 if factor is None:
                     w.plain.append(param)
                     w.plain_grads.append(param.grad)
                 else:
                     w.factors.append(factor)
                     w.factor_grads.append(param.grad)
+                preconditioned_grads += precondition_group
             if group["max_grad_norm"] is not None and (w.plain or w.factors):
                 w.clip = _clip_coefficient(w.plain_grads + w.factor_grads, group["max_grad_norm"])
                 if w.plain_grads:
                     w.plain_grads = list(torch._foreach_mul(w.plain_grads, w.clip))  # out of place: keep .grad
             work.append(w)
+        if preconditioned_grads and not any(w.factors for w in work):
+            raise RuntimeError(
+                f"{type(self).__name__}: a group asks for a preconditioner, but none of its parameters is the "
+                f"lora_A or lora_B of a live MoE-LoRA layer, so preconditioning would silently be off. Build the "
+                f"groups with moelora.optim.param_groups(model) after the model's final set-up (wrap, sharding, "
+                f"load_state_dict), or pass preconditioner='none' for a plain update"
+            )
         return work, list(layers.values())
 
     def _gate_means(self, work: list[_GroupWork]) -> dict[int, torch.Tensor]:
@@ -150,17 +179,29 @@ class RiemannianOptimizer(Optimizer):
         return gate_sq_means(list(needed.values())) if needed else {}
 
     def _precondition(self, work: list[_GroupWork], means: dict[int, torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Preconditioned gradients of every group's factors, all groups solved together."""
-        factors, grads, regs, scales, sizes = [], [], [], [], []
+        """Preconditioned gradients of every group's factors, all groups solved together.
+
+        A factor sharded by FSDP2 is preconditioned on this process's shard (whole experts, ``sharding``),
+        with the matching slice of its layer's gate statistics; the result is a DTensor laid out as its
+        gradient.
+        """
+        factors, grads, regs, scales, sizes, layouts = [], [], [], [], [], []
         for w in work:
             rescale = w.group["preconditioner"] == GATE_RESCALED
             for factor, grad in zip(w.factors, w.factor_grads):
-                factors.append(factor)
-                grads.append(grad)
+                shard = ExpertFactor(local(factor.param), factor.layer, factor.side, local(factor.partner))
+                factors.append(shard)
+                grads.append(local(grad))
+                layouts.append(grad)
                 regs.append(w.group["reg"])
-                scales.append((means[id(factor.layer)], w.group["gate_floor"]) if rescale else None)
+                scale = None
+                if rescale:
+                    start = expert_offset(factor.param)
+                    scale = (means[id(factor.layer)][start : start + shard.param.shape[0]], w.group["gate_floor"])
+                scales.append(scale)
             sizes.append(len(w.factors))
         flat = precondition(factors, grads, regs, scales) if factors else []
+        flat = [like(result, layout) for result, layout in zip(flat, layouts)]
         out, start = [], 0
         for w, size in zip(work, sizes):
             chunk = flat[start : start + size]
@@ -175,6 +216,20 @@ class RiemannianOptimizer(Optimizer):
             self._update(w.group, params, grads)
 
 
+def _not_a_stack(param: torch.Tensor, kind: str, preconditioner: str) -> RuntimeError:
+    """The error for a parameter of an experts / router group that is no live layer's current parameter."""
+    shape = tuple(param.shape)
+    what = "a flat partition (DeepSpeed ZeRO hands optimizers those)" if param.dim() == 1 and kind == EXPERTS else (
+        "no longer the parameter of any live MoE-LoRA layer")
+    return RuntimeError(
+        f"a parameter of shape {shape} in the {kind!r} group (preconditioner={preconditioner!r}) is {what}: it "
+        f"was replaced after the optimizer was built (load_state_dict(assign=True), FSDP's fully_shard, a "
+        f"copy of the model), or was never a MoE-LoRA layer's. Build the optimizer from "
+        f"moelora.optim.param_groups(model) after the model's final set-up. DeepSpeed ZeRO cannot keep "
+        f"whole expert stacks: use FSDP2 (fully_shard) or DDP with a preconditioner"
+    )
+
+
 def _select(w: _GroupWork, side: str) -> _GroupWork:
     """The part of ``w`` that preconditions the factors of one side (``"A"`` or ``"B"``)."""
     keep = [i for i, f in enumerate(w.factors) if f.side == side]
@@ -184,7 +239,10 @@ def _select(w: _GroupWork, side: str) -> _GroupWork:
 
 
 def _clip_coefficient(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``min(1, max_norm / (||grads||_2 + 1e-6))`` as a 0-d tensor, as ``torch.nn.utils.clip_grad_norm_``."""
+    """``min(1, max_norm / (||grads||_2 + 1e-6))`` as a 0-d tensor, as ``torch.nn.utils.clip_grad_norm_``;
+    the norm is the global one over every shard when the gradients are sharded."""
+    if any(is_sharded(g) for g in grads):
+        return (max_norm / (global_grad_norm(grads) + 1e-6)).clamp_max(1.0)
     norms = torch._foreach_norm(grads)
     dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, dtype) for n in norms]))

@@ -3,8 +3,8 @@
 ``param_groups(model, lr, ...)`` returns plain dictionaries (serialisable with the optimizer's
 ``state_dict``): one group of expert factors (every layer's ``lora_A`` and ``lora_B``), one of routers,
 one of any other trainable parameter. The expert pairs are never inferred from names or order: at each
-step the optimizer asks every parameter which layer owns it (``moelora.layers.linear.layer_of``, a weak reference
-that ``MoELoRALinear`` attaches to its parameters) and whether it is that layer's ``A`` or ``B``.
+step the optimizer reads which live layer's ``lora_A`` / ``lora_B`` every parameter is
+(``moelora.layers.linear.parameter_owners``), and ``check_intact`` verifies the pair's shapes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..inject import moelora_layers
-from ..layers.linear import MoELoRALinear
+from ..layers.linear import SIDE_A, SIDE_B, MoELoRALinear
 
 # Values of a group's "kind" key. Preconditioning only ever touches expert factors; routers and other
 # parameters always get the plain update of the base optimizer.
@@ -24,8 +24,8 @@ ROUTER = "router"
 OTHER = "other"
 GROUP_KINDS = (EXPERTS, ROUTER, OTHER)
 
-SIDE_A = "A"
-SIDE_B = "B"
+__all__ = ["EXPERTS", "GROUP_KINDS", "OTHER", "ROUTER", "SIDE_A", "SIDE_B", "ExpertFactor", "check_intact",
+           "expert_factor", "param_groups"]
 
 
 class ExpertFactor(NamedTuple):
@@ -45,7 +45,7 @@ class ExpertFactor(NamedTuple):
 def expert_factor(param: torch.Tensor, layer: MoELoRALinear | None) -> ExpertFactor | None:
     """The ``ExpertFactor`` of ``param`` if it is ``layer``'s ``lora_A`` or ``lora_B``, else ``None``.
 
-    ``layer`` is ``moelora.layers.linear.layer_of(param)`` (passed in because callers need it anyway).
+    ``layer`` is the layer that owns ``param`` (``moelora.layers.linear.layer_of``), or None.
     """
     if layer is None:
         return None
@@ -55,6 +55,32 @@ def expert_factor(param: torch.Tensor, layer: MoELoRALinear | None) -> ExpertFac
     if param is lora_b:
         return ExpertFactor(param, layer, SIDE_B, lora_a)
     return None  # the router weight
+
+
+def check_intact(factor: ExpertFactor) -> None:
+    """Refuse a factor that is not a whole expert stack of its layer: ``A`` must be ``(E, r, d_in)`` and
+    ``B`` ``(E, d_out, r)`` (their global shapes when sharded), and a sharded pair must be split alike on
+    the expert dimension (``Shard(0)``), so that each process holds whole experts of both."""
+    layer = factor.layer
+    a, b = (factor.param, factor.partner) if factor.side == SIDE_A else (factor.partner, factor.param)
+    expected = ((layer.num_experts, layer.rank, layer.in_features), (layer.num_experts, layer.out_features, layer.rank))
+    if (tuple(a.shape), tuple(b.shape)) != expected:
+        raise RuntimeError(
+            f"the expert stacks of a MoE-LoRA layer have shapes {tuple(a.shape)} (A) and {tuple(b.shape)} (B), "
+            f"expected {expected[0]} and {expected[1]}: the parameters were reshaped or flattened, which the "
+            f"preconditioner cannot undo (use FSDP2's fully_shard or DDP, or preconditioner='none')"
+        )
+    placements = [tuple(getattr(t, "placements", ())) for t in (a, b)]
+    if placements[0] != placements[1] or not all(_whole_experts(p) for p in placements[0]):
+        raise RuntimeError(
+            f"a MoE-LoRA layer's A and B are sharded as {placements[0]} and {placements[1]}; the preconditioner "
+            f"needs both split alike on the expert dimension (Shard(0), as fully_shard does by default) or "
+            f"replicated, so that each process holds whole experts"
+        )
+
+
+def _whole_experts(placement: Any) -> bool:
+    return placement.is_replicate() or (placement.is_shard() and placement.dim == 0)
 
 
 def param_groups(

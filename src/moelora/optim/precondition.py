@@ -23,12 +23,15 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import Preconditioner
 from ..layers.linear import MoELoRALinear
 from .groups import SIDE_A, ExpertFactor
+from .sharding import is_sharded, mesh_group
 
 NONE: Preconditioner = "none"
 RIEMANNIAN: Preconditioner = "riemannian"
@@ -48,24 +51,58 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
-    """``{id(layer): (E,) sum_t g_t^2 / n_tokens}``, summed over all replicas under ``torch.distributed``.
+_DEFAULT_GROUP = "default process group"  # a key: all_reduce over torch.distributed's default group
 
-    The (sum, count) pairs of all layers on one device travel in a single all-reduce, so every replica
-    preconditions with the same ``c^2``. Layers that recorded no token since the last step (the forward ran
-    in eval mode or under ``no_grad``) give 0, which ``gate_floor`` then lifts; a warning says how many.
+
+def _reduction_group(layer: MoELoRALinear) -> Any:
+    """Over which processes a layer's gate statistics are summed: the mesh of its sharded (FSDP2) experts,
+    the default group for a layer marked by ``share_gate_statistics`` (DDP), else none (``None``)."""
+    if is_sharded(layer.lora_A):
+        return mesh_group(layer.lora_A)
+    if layer.share_gate_stats:
+        return _DEFAULT_GROUP
+    if layer.share_gate_stats is None and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            f"gate_rescaled in a job of {torch.distributed.get_world_size()} processes, with unsharded experts: "
+            f"every replica must precondition with the same gate statistics. After wrapping the model in "
+            f"DistributedDataParallel call moelora.optim.share_gate_statistics(model); for a model that only "
+            f"this process trains, call moelora.optim.share_gate_statistics(model, False)"
+        )
+    return None
+
+
+def share_gate_statistics(model: nn.Module, share: bool = True) -> None:
+    """Sum the gate statistics of ``model``'s layers over the default process group before each
+    ``gate_rescaled`` step (``share=True``: the model is replicated by DDP), or keep them local
+    (``share=False``: a model trained by this process alone). Experts sharded by FSDP2 need no call."""
+    from ..inject import moelora_layers
+
+    for _, layer in moelora_layers(model):
+        layer.share_gate_stats = share
+
+
+def gate_sq_means(layers: Sequence[MoELoRALinear]) -> dict[int, torch.Tensor]:
+    """``{id(layer): (E,) sum_t g_t^2 / n_tokens}``, summed over the processes that share each layer.
+
+    Layers whose experts FSDP2 sharded sum over their mesh; layers marked by ``share_gate_statistics``
+    (DDP) over the default group; others are not reduced (a collective is issued only for those two).
+    The (sum, count) pairs of all layers on one device and group travel in a single all-reduce, so every
+    replica preconditions with the same ``c^2``. Layers that recorded no token since the last step (the
+    forward ran in eval mode or under ``no_grad``) give 0, which ``gate_floor`` then lifts; a warning says
+    how many.
     """
-    by_device: dict[torch.device, list[MoELoRALinear]] = defaultdict(list)
+    by_device: dict[tuple[torch.device, Any], list[MoELoRALinear]] = defaultdict(list)
     for layer in layers:
-        by_device[layer.gate_sq_sum.device].append(layer)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        by_device[(layer.gate_sq_sum.device, _reduction_group(layer))].append(layer)
     means: dict[int, torch.Tensor] = {}
     empty = []
-    for device_layers in by_device.values():
+    for (_, group), device_layers in by_device.items():
         # [sum g^2 per expert..., token count] per layer, packed flat (layers may differ in E).
         packed = torch.cat([torch.cat([layer.gate_sq_sum, layer.gate_token_count.reshape(1)]) for layer in device_layers])
-        if distributed:
+        if group is _DEFAULT_GROUP:
             torch.distributed.all_reduce(packed)
+        elif group is not None:
+            torch.distributed.all_reduce(packed, group=group)
         offset = 0
         counts = []
         for layer in device_layers:
