@@ -145,3 +145,50 @@ def test_an_expert_stack_of_the_wrong_shape_is_refused():
     layer.num_experts = 8  # the layer no longer describes its stacks
     with pytest.raises(RuntimeError, match="expected"):
         opt.step()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["last_step_loss"] for e in lines if "loss" in e}
+
+
+def test_training_command_with_fsdp_matches_one_process_and_resumes_exactly(tmp_path, monkeypatch):
+    from moelora.finetune.base_models import load_model_and_tokenizer
+    from moelora.finetune.run_config import load_config
+    from moelora.finetune.trainer import Trainer
+
+    smoke = ROOT / "configs" / "smoke.yaml"
+    monkeypatch.chdir(ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+         str(ROOT / "tests" / "distributed" / "fsdp_train.py"), str(tmp_path), str(smoke)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    # killed after the step-2 checkpoint and resumed: the same losses (per-process dropout masks included)
+    assert _losses(resumed) == _losses(full)
+    summary = json.loads((full / "summary.json").read_text())
+    sharding = summary["sharding"]
+    assert abs(sharding["base_bytes_per_process"] / sharding["base_bytes"] - 0.5) < 0.05  # the base is sharded
+
+    # one process, no dropout: the same losses as the sharded job without dropout, and the same adapter
+    sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+    from fsdp_train import OVERRIDES
+
+    single = [o for o in OVERRIDES if not o.startswith("train.distributed")] + ["adapter.dropout=0.0"]
+    Trainer(load_config(smoke, [f"output_dir={tmp_path / 'single'}", *single]), progress=False).run()
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "no-dropout")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+    # the adapter the sharded job wrote (gathered on process 0) loads in one process: the same logits
+    config = load_config(smoke)
+    logits = []
+    for run in ("single", "no-dropout"):
+        base, _ = load_model_and_tokenizer(config.model.name, random_config=config.model.random_config)
+        model = moelora.load_adapter(base, tmp_path / run / "adapter").eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=IDS % 256).logits)
+    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)

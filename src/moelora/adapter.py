@@ -80,6 +80,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` atomically.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    Experts sharded by FSDP2 are gathered first, a collective: every process calls ``save_adapter`` and
+    process 0 writes the files (the same as one process would).
     """
     from safetensors.torch import save_file
 
@@ -87,8 +89,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if config is None:
         raise AdapterError("model has no MoE-LoRA adapter: call moelora.wrap(model, config) first")
     directory = Path(directory)
+    state = adapter_state_dict(model)
+    sharded = any(hasattr(v, "full_tensor") for v in state.values())
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().cpu() for k, v in state.items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {
         "format": "moelora",
         "format_version": FORMAT_VERSION,

@@ -10,6 +10,7 @@ checkpoint or none.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -165,3 +166,50 @@ def load_other_trainable(model: nn.Module, folder: Path) -> bool:
                 raise TrainingError(f"{path}: the model has no parameter {name!r}")
             params[name].copy_(tensor)
     return True
+
+
+# ---------------------------------------------------------------------------------- sharded (FSDP2) state
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Only what trains: the frozen base is loaded from the model's own files.
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The trainable weights and optimizer state of an FSDP2-sharded model, each process writing its shards
+    (``torch.distributed.checkpoint``; a collective). Its ``.metadata`` file is a pickle: resume state only,
+    read back by ``load_sharded`` from a run folder this program wrote, never a file for sharing (the
+    adapter is in ``adapter/``, safetensors and JSON)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optimizer_state = _sharded_state(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The inverse of ``save_sharded`` (a collective), onto the same sharding."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state, optimizer_state = _sharded_state(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    # strict=False: the state holds the trainable weights only; the frozen base is the model's own
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def finish_dir(partial: Path, final: Path, fill) -> Path:
+    """Complete the folder ``partial`` (which other processes have written into) with ``fill`` and rename it
+    onto ``final``, replacing an older one: ``final`` is always whole or absent."""
+    fill(partial)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
+    return final

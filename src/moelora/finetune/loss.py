@@ -58,9 +58,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def _gather_supported(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
     inner: Any  # a transformers model (get_decoder, get_output_embeddings)
     inner, wrapped = _unwrap(model)
-    if wrapped or not hasattr(inner, "get_decoder"):
+    # FSDP2 gathers the root's parameters in the root's forward, which "gather" would bypass.
+    if wrapped or isinstance(inner, FSDPModule) or not hasattr(inner, "get_decoder"):
         return False
     config = getattr(inner, "config", None)
     if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
@@ -142,8 +145,9 @@ class CausalLMAnswerLoss(nn.Module):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if position_ids is not None:
             batch["position_ids"] = position_ids
-        # "gather" calls the body directly; that is safe here because DDP wraps this module, not the model.
-        loss_sum = answer_loss(self.model, batch, strategy="gather", reduction="sum")
+        # "gather" calls the body directly; that is safe under DDP, which wraps this module, not the model,
+        # and "auto" leaves it for a model sharded by FSDP2 (whose root forward gathers the embeddings).
+        loss_sum = answer_loss(self.model, batch, strategy="auto", reduction="sum")
         return loss_sum, (labels[:, 1:] != IGNORE_INDEX).sum()
 
 

@@ -158,6 +158,8 @@ class TrainConfig:
             torchrun each process takes ``cuda:LOCAL_RANK``.
         precision: ``bf16`` / ``fp16`` run the forward pass under autocast with float32 adapters and optimizer
             state (``fp16`` with a gradient scaler, GPU only); the base keeps ``model.dtype``.
+        distributed: under torchrun, ``ddp`` replicates the model on every process; ``fsdp`` shards it
+            (FSDP2: the frozen base and the experts, whole experts per process), for bases too big for one GPU.
     """
 
     steps: int = 80
@@ -173,6 +175,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Precision = "fp32"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass

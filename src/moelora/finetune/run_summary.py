@@ -27,14 +27,16 @@ def _fmt(result: dict | None) -> str:
 
 
 def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: EvalResult | None, final: EvalResult,
-                 train_time_s: float, last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
+                 train_time_s: float, last_loss: float, router: dict, resumed_from: int | None,
+                 sharding: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the summary files and plots of a finished run; returns the summary (``summary.json``)."""
-    return _write(run_dir, config, runtime, zero_shot.to_dict() if zero_shot is not None else None,
-                  final.to_dict(), train_time_s, last_loss, router, resumed_from)
+    summary = _write(run_dir, config, runtime, zero_shot.to_dict() if zero_shot is not None else None,
+                     final.to_dict(), train_time_s, last_loss, router, resumed_from, sharding)
+    return summary
 
 
 def _write(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, final: dict, train_time_s: float,
-           last_loss: float, router: dict, resumed_from: int | None) -> dict[str, Any]:
+           last_loss: float, router: dict, resumed_from: int | None, sharding: dict[str, int] | None) -> dict[str, Any]:
     """``write_report`` on the JSON forms of the evaluations (what ``summary.json`` stores)."""
     difference: dict[str, Any] | None = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):
@@ -64,6 +66,7 @@ def _write(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, fi
         "median_tokens_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
         "resumed_from_step": resumed_from,
         "split_sizes": runtime.task.sizes(),
+        "sharding": sharding,
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines = [

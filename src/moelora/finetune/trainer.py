@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ from . import checkpoint as ckpt
 from .base_models import load_base_for_run
 from .batching import StepBatches
 from .devices import autocast, check_precision, grad_scaler, resolve_device
-from .distributed import DistributedContext, init_distributed, shutdown_distributed
-from .errors import TrainingError
+from .distributed import DistributedContext, init_distributed, shard_model, shutdown_distributed
+from .errors import ConfigError, TrainingError
 from .eval import EvalResult
 from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
 from .optimizers import build_optimizer
@@ -166,6 +167,8 @@ class Trainer:
         self.start_step = 0
         self.zero_shot: EvalResult | None = None
         self.device = torch.device("cpu")
+        self.sharded = False  # FSDP2 over several processes (train.distributed=fsdp)
+        self.sharding: dict[str, int] | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self._loss_module: nn.Module | None = None
         self._plan: StepBatches | None = None
@@ -197,6 +200,7 @@ class Trainer:
             self.ctx, self._distributed = init_distributed(), True
         ctx, tcfg = self.ctx, cfg.train
         self.device = resolve_device(tcfg.device, ctx.local_rank, ctx.enabled)
+        self.sharded = ctx.enabled and tcfg.distributed == "fsdp"
         check_precision(tcfg.precision, self.device)
         micro_size = tcfg.batch_size // tcfg.grad_accum
         if micro_size < ctx.world_size:
@@ -229,6 +233,12 @@ class Trainer:
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:  # before the optimizer, which must see the sharded (DTensor) parameters
+            if runtime.encoder or cfg.model.quantization != "none":
+                raise ConfigError("train.distributed=fsdp shards causal language models with a floating-point "
+                                  "base; use train.distributed=ddp for encoders and quantised bases")
+            self.sharding = shard_model(model, self.device, ctx.world_size)
+            logger.info("FSDP2: %s", self.sharding)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scaler = grad_scaler(tcfg.precision, self.device)
         self.scheduler = build_scheduler(self.optimizer, tcfg.warmup_steps, tcfg.steps, tcfg.final_lr_ratio)
@@ -237,7 +247,7 @@ class Trainer:
             logger.info("resumed from %s (step %d)", resume_from, self.start_step)
 
         loss_module: nn.Module = (SequenceClassificationLoss if runtime.encoder else CausalLMAnswerLoss)(model)
-        if ctx.enabled:
+        if ctx.enabled and not self.sharded:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             loss_module = DistributedDataParallel(loss_module, device_ids=device_ids, find_unused_parameters=False)
             share_gate_statistics(model)  # every replica preconditions with the same gate statistics
@@ -307,7 +317,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                if ctx.is_main:
+                if self._evaluates:
                     self._validate(done)
                     self.model.train()
                 ctx.barrier()
@@ -330,8 +340,10 @@ class Trainer:
         tokens = 0
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            context = (cast(DistributedDataParallel, loss_module).no_sync() if ctx.enabled and not sync
-                       else contextlib.nullcontext())
+            # DDP: all-reduce once, after the last micro-batch. FSDP2 reduce-scatters every backward pass into
+            # the sharded gradients, which accumulate.
+            context = (cast(DistributedDataParallel, loss_module).no_sync()
+                       if ctx.enabled and not self.sharded and not sync else contextlib.nullcontext())
             with context:
                 inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch["inputs"].items()}
                 with self._autocast():
@@ -394,15 +406,18 @@ class Trainer:
         steps = self.config.train.steps
         validation = final = None
         summary: dict[str, Any] = {}
-        if self.ctx.is_main:
-            self._save_checkpoint(steps)
+        self._save_checkpoint(steps)
+        if self.ctx.is_main or self.sharded:  # sharded experts are gathered by every process, written by one
             save_adapter(self.model, self.run_dir / "adapter")
+        if self._evaluates:
             validation = self._validate(steps) if self.config.train.eval_every else None
             if test:
                 with self._autocast():
-                    final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="fine-tuned")
+                    final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress and self.ctx.is_main,
+                                                  label="fine-tuned")
                 self._log({"step": steps, "split": "test", **_metric_fields(final)})
                 self._notify_eval("test", steps, final)
+        if self.ctx.is_main:
             reported = final or validation
             if reported is not None:
                 from .run_summary import write_report
@@ -410,7 +425,7 @@ class Trainer:
                 summary = write_report(
                     self.run_dir, self.config, self.runtime, zero_shot=self.zero_shot, final=reported,
                     train_time_s=self._train_time, last_loss=self._last_loss, router=router_stats(self.model),
-                    resumed_from=self.start_step or None,
+                    resumed_from=self.start_step or None, sharding=self.sharding,
                 )
         self.ctx.barrier()
         return TrainResult(
@@ -421,39 +436,71 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, step: int) -> None:
-        if not self.ctx.is_main:
-            return
+        """``checkpoints/step-N/``: written whole or not at all. Every process's random state is kept
+        (their dropout masks differ); under FSDP2 the optimizer and adapter state are written shard by
+        shard (``torch.distributed.checkpoint``, the ``sharded/`` subfolder), the adapter gathered."""
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         assert model is not None and optimizer is not None
+        rng = self.ctx.gather(ckpt.rng_state())  # a collective in a multi-process job
+        folder = self.run_dir / "checkpoints"
+        final = folder / f"step-{step:06d}"
+        partial = folder / f".step-{step:06d}.sharded-partial"
+        if self.sharded:
+            if self.ctx.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            self.ctx.barrier()
+            ckpt.save_sharded(model, optimizer, partial / "sharded")
+            save_adapter(model, partial / "adapter")  # gathers on every process, process 0 writes
+        if not self.ctx.is_main:
+            self.ctx.barrier()
+            return
 
-        def fill(folder: Path) -> None:
-            save_adapter(model, folder / "adapter")
-            ckpt.save_other_trainable(model, folder)
-            ckpt.save_state(optimizer.state_dict(), folder, "optimizer")
-            loop_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state()}
+        def fill(target: Path) -> None:
+            if not self.sharded:
+                save_adapter(model, target / "adapter")
+                ckpt.save_other_trainable(model, target)
+                ckpt.save_state(optimizer.state_dict(), target, "optimizer")
+            loop_state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng_per_process": rng}
             if self.scaler is not None:
                 loop_state["grad_scaler"] = self.scaler.state_dict()
-            ckpt.save_state(loop_state, folder, "loop_state")
-            (folder / "trainer_state.json").write_text(
-                json.dumps({"step": step, "identity": _identity(self.config)}, indent=2)
+            ckpt.save_state(loop_state, target, "loop_state")
+            (target / "trainer_state.json").write_text(
+                json.dumps({"step": step, "identity": _identity(self.config), "sharded": self.sharded}, indent=2)
             )
 
-        folder = self.run_dir / "checkpoints"
-        path = atomic_dir(folder / f"step-{step:06d}", fill)
+        path = ckpt.finish_dir(partial, final, fill) if self.sharded else atomic_dir(final, fill)
         ckpt.prune_checkpoints(folder, self.config.train.keep_checkpoints)
+        if self.ctx.enabled:
+            self.ctx.barrier()
         for callback in self.callbacks:
             callback.on_checkpoint(self, step, path)
 
     def _load_checkpoint(self, path: Path) -> None:
         assert self.model is not None and self.optimizer is not None
-        load_adapter_weights(self.model, path / "adapter")
-        ckpt.load_other_trainable(self.model, path)
-        self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
+        saved_sharded = json.loads((path / "trainer_state.json").read_text()).get("sharded", False)
+        if saved_sharded != self.sharded:
+            raise TrainingError(
+                f"--resume: {path} was written {'with' if saved_sharded else 'without'} FSDP2 sharding "
+                f"(train.distributed=fsdp over several processes); resume it the same way"
+            )
+        if self.sharded:
+            ckpt.load_sharded(self.model, self.optimizer, path / "sharded")
+        else:
+            load_adapter_weights(self.model, path / "adapter")
+            ckpt.load_other_trainable(self.model, path)
+            self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         loop_state = ckpt.load_state(path, "loop_state")
         self.scheduler.load_state_dict(loop_state["scheduler"])
         if self.scaler is not None and "grad_scaler" in loop_state:
             self.scaler.load_state_dict(loop_state["grad_scaler"])
-        ckpt.set_rng_state(loop_state["rng"])
+        per_process = loop_state["rng_per_process"]
+        if len(per_process) != self.ctx.world_size:
+            raise TrainingError(
+                f"--resume: {path} was written by {len(per_process)} process(es), this job has "
+                f"{self.ctx.world_size}: resume with as many processes, or the data order and dropout differ"
+            )
+        ckpt.set_rng_state(per_process[self.ctx.rank])
 
     def _autocast(self):
         return autocast(self.config.train.precision, self.device)
@@ -470,5 +517,13 @@ class Trainer:
                 callback.on_log(self, record)
 
     def _notify_eval(self, split: str, step: int, result: EvalResult) -> None:
+        if not self.ctx.is_main:
+            return
         for callback in self.callbacks:
             callback.on_eval(self, split, step, result)
+
+    @property
+    def _evaluates(self) -> bool:
+        """Whether this process evaluates: the main one, or every one when the model is sharded (each
+        forward pass of a sharded model is a collective); only the main one logs and writes."""
+        return self.ctx.is_main or self.sharded
