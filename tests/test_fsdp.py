@@ -192,3 +192,15 @@ def test_training_command_with_fsdp_matches_one_process_and_resumes_exactly(tmp_
         with torch.no_grad():
             logits.append(model(input_ids=IDS % 256).logits)
     assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_single_process_started_by_accelerate_launch_says_so(monkeypatch, caplog):
+    import logging
+
+    from moelora.finetune.distributed import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with caplog.at_level(logging.WARNING, logger="moelora.finetune.distributed"):
+        ctx = init_distributed()
+    assert ctx.world_size == 1 and "single process" in caplog.text and "torchrun --nproc_per_node" in caplog.text

@@ -3,6 +3,7 @@ sharding of a wrapped model (``shard_model``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from ..optim.sharding import local
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ def init_distributed() -> DistributedContext:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
+        if any(key.startswith("ACCELERATE_") for key in os.environ):
+            # accelerate launch --cpu starts one process whatever --num_processes says: never silently
+            logger.warning(
+                "started by accelerate launch as a single process (WORLD_SIZE is not set); for several "
+                "processes run torchrun --nproc_per_node N -m moelora train ..., or accelerate launch "
+                "--multi_gpu on GPUs"
+            )
         return DistributedContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
