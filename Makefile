@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/moelora train
+	$(BIN)/moelora train --overwrite
 
 # Lint and type check of the package (ruff's and mypy's settings are in pyproject.toml).
 lint: install

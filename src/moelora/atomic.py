@@ -15,6 +15,11 @@ def _current_umask() -> int:
     return mask
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
 
@@ -26,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     os.close(fd)
     try:
         write(tmp)
+        _fsync(Path(tmp))  # the data reach the disk before the name does
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -50,6 +56,9 @@ def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         fill(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
         os.chmod(tmp, 0o777 & ~_current_umask())
         if target.exists():
             old = target.with_name(f".{target.name}.old")

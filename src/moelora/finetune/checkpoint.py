@@ -10,6 +10,7 @@ checkpoint or none.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from .errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -89,6 +92,59 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
         if match and (path / "trainer_state.json").is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from (a missing key, a truncated file), or None."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        missing = [key for key in ("step", "identity", "metrics_lines") if key not in state]
+        if missing:
+            return f"trainer_state.json has no {', '.join(map(repr, missing))}"
+        load_state(path, "loop_state")
+        if state.get("sharded"):
+            if not (path / "sharded" / ".metadata").is_file():
+                return "sharded/.metadata is missing"
+        else:
+            load_state(path, "optimizer")
+            json.loads((path / "adapter" / "adapter_config.json").read_text())
+            with safe_open(str(path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                    f.get_tensor(key)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def recover_checkpoints(folder: Path) -> tuple[int, str, dict[str, Any]] | None:
+    """The newest checkpoint of ``folder`` that can be resumed from, as ``(step, path, trainer state)``.
+
+    First the leftovers of a kill: temporary folders are removed, and a ``.step-N.old`` (a kill between
+    the two renames of a folder swap) is put back as ``step-N`` when that is missing. A checkpoint that
+    cannot be read is skipped with a warning, for the one before it.
+    """
+    if not folder.is_dir():
+        return None
+    for path in list(folder.iterdir()):
+        name = path.name
+        if name.startswith(".step-") and (".tmp-" in name or name.endswith(".sharded-partial")):
+            logger.warning("removing %s, left by a run killed while writing a checkpoint", path)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".step-") and name.endswith(".old"):
+            final = folder / name[1 : -len(".old")]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                logger.warning("restoring %s from %s (a run was killed while replacing it)", final, path)
+                os.replace(path, final)
+    for step, path in reversed(list_checkpoints(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return step, str(path), json.loads((path / "trainer_state.json").read_text())
+        logger.warning("checkpoint %s cannot be resumed from (%s): trying the one before", path, problem)
+    return None
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

@@ -34,6 +34,7 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="clear a non-empty output_dir first (a new run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -88,13 +89,17 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import Trainer
+    from .trainer import RunAlreadyComplete, Trainer
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    result = Trainer(config, progress=not args.no_progress).run(resume=args.resume)
+    try:
+        result = Trainer(config, progress=not args.no_progress).run(resume=args.resume, overwrite=args.overwrite)
+    except RunAlreadyComplete as done:
+        print(f"moelora: {done}")
+        return 0
     if result.summary:
         print(Path(config.output_dir, "summary.md").read_text())
     return 0

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..adapter import load_adapter_weights, save_adapter
 from ..atomic import atomic_dir, write_text_atomic
 from ..diagnostics import router_stats
+from ..errors import MoELoRAError
 from ..extras import require_extra
 from ..inject import wrap
 from ..optim import share_gate_statistics
@@ -52,6 +53,7 @@ from .devices import autocast, check_precision, grad_scaler, resolve_device
 from .distributed import DistributedContext, init_distributed, shard_model, shutdown_distributed
 from .errors import ConfigError, TrainingError
 from .eval import EvalResult
+from .identity import differences, run_identity
 from .loss import CausalLMAnswerLoss, SequenceClassificationLoss
 from .optimizers import build_optimizer
 from .quantization import prepare_for_kbit_training
@@ -105,10 +107,20 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _identity(config: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with the one that wrote the checkpoint."""
-    return {"model": dataclasses.asdict(config.model), "adapter": dataclasses.asdict(config.adapter),
-            "task": config.data.task}
+class RunAlreadyComplete(MoELoRAError):
+    """``--resume`` of a run that has already finished: nothing to do."""
+
+
+def _check_overwritable(folder: Path) -> None:
+    """Refuse to clear the working directory, one of its parents or the home folder with ``--overwrite``."""
+    resolved, cwd = folder.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
+        raise ConfigError(f"--overwrite would delete {resolved}, which holds the working directory or is the "
+                          f"home or root folder: choose an output_dir of its own")
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -116,11 +128,15 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop events logged after the checkpoint we resume from (they will be produced again)."""
+def _truncate_metrics(path: Path, lines: int) -> None:
+    """Keep the first ``lines`` events, those logged before the checkpoint we resume from: the events after
+    it (and a line a kill cut short) will be produced again, once."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        logger.warning("%s ends with a partial line (the run was killed while writing it): dropped", path)
+    kept = text.splitlines()[:lines]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -129,10 +145,17 @@ def _metric_fields(result: EvalResult) -> dict[str, Any]:
 
 
 class _LossWindow:
-    """The logged loss: the token-weighted mean over the steps since the previous log line."""
+    """The logged loss: the token-weighted mean over the steps since the previous log line (kept in
+    checkpoints, so that a resumed run logs what an uninterrupted one would)."""
 
     def __init__(self) -> None:
         self.reset(time.perf_counter())
+
+    def state(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "loss_sum": self.loss_sum, "targets": self.targets}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.tokens, self.loss_sum, self.targets = int(state["tokens"]), float(state["loss_sum"]), int(state["targets"])
 
     def reset(self, now: float) -> None:
         self.tokens, self.loss_sum, self.targets, self.start = 0, 0.0, 0, now
@@ -172,14 +195,18 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self._loss_module: nn.Module | None = None
         self._plan: StepBatches | None = None
-        self._train_time = 0.0
+        self._train_time = 0.0  # seconds in fit, every sitting of the run
+        self._train_time_before = 0.0  # ... before this sitting (from the checkpoint resumed)
+        self._fit_start: float | None = None
+        self._window = _LossWindow()
+        self._identity: dict[str, Any] = {}
         self._last_loss = float("nan")
 
     # ------------------------------------------------------------------------------------- the whole run
-    def run(self, resume: bool = False) -> TrainResult:
+    def run(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train (or continue training) and evaluate: ``setup``, ``fit``, ``evaluate``."""
         try:
-            self.setup(resume)
+            self.setup(resume, overwrite)
             self.fit()
             return self.evaluate()
         finally:
@@ -192,8 +219,12 @@ class Trainer:
             self._distributed = False
 
     # ----------------------------------------------------------------------------------------- setup
-    def setup(self, resume: bool = False) -> None:
-        """Everything before the first step; under ``torchrun`` this joins the process group."""
+    def setup(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Everything before the first step; under ``torchrun`` this joins the process group.
+
+        A new run needs an empty (or absent) ``output_dir``, or ``overwrite`` to clear it; ``resume``
+        continues from the newest valid checkpoint, refusing any difference in what the result depends on.
+        """
         cfg = self.config
         require_extra("train", "a training run's plots", ("matplotlib",))  # before hours of training, not after
         if not self._distributed:
@@ -208,15 +239,18 @@ class Trainer:
                 f"each micro-batch ({micro_size} = batch_size / grad_accum) must have at least one example per "
                 f"process ({ctx.world_size} processes)"
             )
-        self.start_step, resume_from = self._prepare_run_dir(resume)
+        self.start_step, resume_from, saved = self._prepare_run_dir(resume, overwrite)
+        runtime = self.runtime = TaskRuntime.load(cfg)
+        self._identity = run_identity(cfg, runtime.task)
+        if resume_from is not None:
+            self._check_resume(saved, self.start_step)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_from is not None:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                _truncate_metrics(self.run_dir / "metrics.jsonl", int(saved.get("metrics_lines", 0)))
             self._write("config.yaml", dump_config(cfg))
         torch.manual_seed(tcfg.seed)
 
-        runtime = self.runtime = TaskRuntime.load(cfg)
         model: Any
         model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels, device=self.device)
         self.model = model
@@ -254,28 +288,55 @@ class Trainer:
         self._loss_module = loss_module
         self._plan = StepBatches(runtime.train_lengths(), tcfg.batch_size, tcfg.grad_accum, seed=tcfg.seed)
 
-    def _prepare_run_dir(self, resume: bool) -> tuple[int, Path | None]:
-        """Check the folder against ``resume``; returns the step to start from and its checkpoint."""
-        checkpoints = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> tuple[int, Path | None, dict[str, Any]]:
+        """Check the folder against ``resume`` / ``overwrite``; returns the step to start from, its checkpoint
+        and that checkpoint's trainer state (empty for a new run)."""
+        folder = self.run_dir
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"output_dir {folder} is a file, not a folder: choose another output_dir")
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: pass one")
         if not resume:
-            if checkpoints or (self.run_dir / "summary.json").exists():
+            contents = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            if contents and not overwrite:
                 raise TrainingError(
-                    f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another "
+                    f"{folder} is not empty (it holds {', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}); "
+                    f"pass --resume to continue the run in it, --overwrite to replace it, or choose another "
                     f"output_dir (--set output_dir=...)"
                 )
-            return 0, None
-        if not checkpoints:
-            raise TrainingError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        step, path = checkpoints[-1]
-        saved = json.loads((path / "trainer_state.json").read_text())["identity"]
-        current = _identity(self.config)
-        for key in ("model", "adapter", "task"):
-            if saved[key] != current[key]:
-                raise TrainingError(
-                    f"--resume: the run in {self.run_dir} was trained with {key} = {saved[key]!r}, the "
-                    f"configuration now says {current[key]!r}; resume with the same {key} or start a new run"
-                )
-        return step, path
+            if contents and self.ctx.is_main:
+                _check_overwritable(folder)
+                shutil.rmtree(folder)
+            self.ctx.barrier()
+            return 0, None, {}
+        found = ckpt.recover_checkpoints(folder / "checkpoints") if self.ctx.is_main else None
+        found = self.ctx.gather(found)[0]  # every process resumes from what process 0 chose
+        if not found:
+            raise TrainingError(f"--resume: no valid checkpoint in {folder / 'checkpoints'}")
+        step, path, state = found
+        return step, Path(path), state
+
+    def _check_resume(self, saved: dict[str, Any], step: int) -> None:
+        """Refuse a resume whose configuration or data differ from the run's, listing each difference."""
+        cfg = self.config
+        changed = differences(saved.get("identity", {}), self._identity)
+        if changed:
+            raise ConfigError(
+                f"--resume: the run in {self.run_dir} was trained with different settings; resume with the "
+                f"same ones or start a new run:\n  " + "\n  ".join(changed)
+            )
+        planned = int(saved.get("steps", cfg.train.steps))
+        if cfg.train.steps < step:
+            raise ConfigError(f"--resume: the run is at step {step}; train.steps={cfg.train.steps} is fewer")
+        if cfg.train.steps != planned and cfg.train.final_lr_ratio != 1.0:
+            raise ConfigError(
+                f"--resume: the run was planned for train.steps={planned} and its learning rate decays to "
+                f"final_lr_ratio={cfg.train.final_lr_ratio:g} at that step: continuing to {cfg.train.steps} would "
+                f"follow a schedule its first steps did not. Resume with train.steps={planned}, or start a new run "
+                f"(only a constant schedule, final_lr_ratio=1.0, lets train.steps change)"
+            )
+        if step == cfg.train.steps and (self.run_dir / "summary.json").is_file():
+            raise RunAlreadyComplete(f"{self.run_dir} is already complete ({step} steps): nothing to resume")
 
     def _zero_shot(self) -> EvalResult | None:
         """The base model's held-out evaluation: computed once, then kept in the run folder across resumes."""
@@ -306,8 +367,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tcfg.steps, initial=self.start_step, desc="train", dynamic_ncols=True)
-        train_start = time.perf_counter()
-        window = _LossWindow()
+        self._fit_start = time.perf_counter()
+        window = self._window
+        window.start = self._fit_start
         for step in range(self.start_step, tcfg.steps):
             loss, targets, tokens = self._train_step(step)
             window.add(loss, targets, tokens)
@@ -325,7 +387,8 @@ class Trainer:
                 self._save_checkpoint(done)
         if bar is not None:
             bar.close()
-        self._train_time = time.perf_counter() - train_start
+        self._train_time = self._elapsed()
+        self._fit_start = None
 
     def _train_step(self, step: int) -> tuple[float, int, int]:
         """One optimizer step; returns (mean loss over the global batch, target count, token count)."""
@@ -461,12 +524,15 @@ class Trainer:
                 save_adapter(model, target / "adapter")
                 ckpt.save_other_trainable(model, target)
                 ckpt.save_state(optimizer.state_dict(), target, "optimizer")
-            loop_state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng_per_process": rng}
+            loop_state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng_per_process": rng,
+                                          "loss_window": self._window.state(), "train_time_s": self._elapsed()}
             if self.scaler is not None:
                 loop_state["grad_scaler"] = self.scaler.state_dict()
             ckpt.save_state(loop_state, target, "loop_state")
             (target / "trainer_state.json").write_text(
-                json.dumps({"step": step, "identity": _identity(self.config), "sharded": self.sharded}, indent=2)
+                json.dumps({"step": step, "steps": self.config.train.steps, "identity": self._identity,
+                            "sharded": self.sharded, "metrics_lines": _count_lines(self.run_dir / "metrics.jsonl")},
+                           indent=2)
             )
 
         path = ckpt.finish_dir(partial, final, fill) if self.sharded else atomic_dir(final, fill)
@@ -501,6 +567,14 @@ class Trainer:
                 f"{self.ctx.world_size}: resume with as many processes, or the data order and dropout differ"
             )
         ckpt.set_rng_state(per_process[self.ctx.rank])
+        self._window.load(loop_state["loss_window"])
+        self._train_time_before = self._train_time = float(loop_state["train_time_s"])
+
+    def _elapsed(self) -> float:
+        """Seconds of training over every sitting, up to now."""
+        if self._fit_start is None:
+            return self._train_time
+        return self._train_time_before + time.perf_counter() - self._fit_start
 
     def _autocast(self):
         return autocast(self.config.train.precision, self.device)

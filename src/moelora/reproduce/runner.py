@@ -74,7 +74,6 @@ def run_cell(spec: TaskSpec, cell: Cell, folder: Path, keep_weights: bool = Fals
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     settings = cell_settings(spec, cell)
-    _write_json(folder / "cell.json", {"cell": cell.__dict__, "name": cell.name, "settings": settings})
     start = time.perf_counter()
     try:
         if spec.kind == "synthetic":
@@ -86,6 +85,8 @@ def run_cell(spec: TaskSpec, cell: Cell, folder: Path, keep_weights: bool = Fals
         logger.warning("%s diverged: %s", cell.name, err)
         summary = {"diverged": True, "error": str(err).splitlines()[0][:300]}
     summary.update({"cell": cell.__dict__, "wall_time_s": time.perf_counter() - start})
+    # written after the run: the trainer starts in an empty folder
+    _write_json(folder / "cell.json", {"cell": cell.__dict__, "name": cell.name, "settings": settings})
     if not keep_weights:
         for sub in ("checkpoints", "adapter"):
             if (folder / sub).is_dir():
