@@ -88,7 +88,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise AdapterError("model has no MoE-LoRA adapter: call moelora.wrap(model, config) first")
+    if not str(directory):
+        raise AdapterError("save_adapter needs a folder to write into, got an empty path")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"save_adapter writes a folder, but {directory} is a file: choose a folder")
     state = adapter_state_dict(model)
     sharded = any(hasattr(v, "full_tensor") for v in state.values())
     tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().cpu() for k, v in state.items()}
@@ -113,11 +117,13 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[MoELoRAConfig, di
     if not path.is_file():
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_adapter?")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is not valid JSON: {err}") from None
-    if meta.get("format") != "moelora" or "config" not in meta:
-        raise AdapterError(f"{path} is not a moelora adapter config (missing 'format': 'moelora' or 'config')")
+    if not isinstance(meta, dict) or meta.get("format") != "moelora" or not isinstance(meta.get("config"), dict):
+        raise AdapterError(f"{path} is not a moelora adapter config (an object with 'format': 'moelora' and 'config')")
+    if not isinstance(meta.get("base_model", {}), dict) or not isinstance(meta.get("dtype", "float32"), str):
+        raise AdapterError(f"{path}: 'base_model' must be an object and 'dtype' a string")
     return MoELoRAConfig.from_dict(meta["config"]), meta
 
 
@@ -179,7 +185,12 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
     if not weights_path.is_file():
         raise AdapterNotFoundError(f"missing {weights_path}")
     params = _adapter_parameters(model)
-    with safe_open(str(weights_path), framework="pt") as f:
+    recorded_dtype = meta.get("dtype")
+    try:
+        handle = safe_open(str(weights_path), framework="pt")
+    except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
+        raise AdapterError(f"{weights_path} cannot be read ({err}): the file is truncated or not safetensors") from None
+    with handle as f:
         keys = set(f.keys())
         if keys != set(params):
             missing_keys, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
@@ -192,6 +203,17 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
                 if tensor.shape != param.shape:
                     raise AdapterError(
                         f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
+                stored = str(tensor.dtype).removeprefix("torch.")
+                if not tensor.dtype.is_floating_point or (recorded_dtype is not None and stored != recorded_dtype):
+                    raise AdapterError(
+                        f"{weights_path}: tensor {key!r} is {stored}, but {CONFIG_NAME} says {recorded_dtype}: the "
+                        f"files do not belong together (an adapter's tensors are floating point, all of one dtype)"
+                    )
+                if not torch.isfinite(tensor).all():
+                    raise AdapterError(
+                        f"{weights_path}: tensor {key!r} holds non-finite values (NaN or inf): the run that wrote it "
+                        f"diverged; use an earlier checkpoint"
                     )
                 param.copy_(tensor)
     return model

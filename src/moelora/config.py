@@ -7,6 +7,7 @@ values (``ROUTER_INITS`` ...) are derived from them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -81,7 +82,7 @@ class MoELoRAConfig:
         _check_int_range("num_experts", self.num_experts, 1)
         _check_int_range("rank", self.rank, 1)
         _check_int_range("top_k", self.top_k, 1, self.num_experts, "num_experts")
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a number > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -100,7 +101,7 @@ class MoELoRAConfig:
                 raise ConfigError(f"expert_compute='sparse' cannot run: {problem}; use 'auto' or 'dense'")
         if self.router_init not in ROUTER_INITS:
             raise ConfigError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
-        if not _is_number(self.router_init_std) or self.router_init_std <= 0:
+        if not _is_number(self.router_init_std) or not math.isfinite(self.router_init_std) or self.router_init_std <= 0:
             raise ConfigError(f"router_init_std must be a number > 0, got {self.router_init_std!r}")
         self.target_modules = _normalise_targets("target_modules", self.target_modules, allow_regex=True)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules, allow_empty=True)

@@ -48,6 +48,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def find_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
+    """The names of the modules ``wrap`` would adapt; ``ConfigError`` (listing what exists) when none."""
+    targets = [
+        name for name, module in model.named_modules() if name and _is_linear_like(module) and config.matches(name)
+    ]
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        hint = ""
+        if isinstance(config.target_modules, str):
+            hint = (" (a string is a regular expression that must match a module's full name, e.g. "
+                    "'.*self_attn\\.q_proj'; to match by name, give a list such as ['q_proj'])")
+        raise ConfigError(
+            f"no module matched target_modules={config.target_modules!r}{hint}. Linear modules in this model "
+            f"include (by last name): {suffixes[:20]}; e.g. {linear_names[:5]}"
+        )
+    return targets
+
+
 def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the target linear modules of ``model`` by ``MoELoRALinear`` layers, in place.
 
@@ -63,16 +82,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
         raise TypeError(f"config must be a MoELoRAConfig, got {type(config).__name__}")
     if any(True for _ in moelora_layers(model)):
         raise ValueError("model already has MoE-LoRA layers; call moelora.unwrap(model) first")
-    targets = [
-        name for name, module in model.named_modules() if name and _is_linear_like(module) and config.matches(name)
-    ]
-    if not targets:
-        linear_names = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ConfigError(
-            f"no module matched target_modules={config.target_modules!r}. Linear modules in this model "
-            f"include (by last name): {suffixes[:20]}; e.g. {linear_names[:5]}"
-        )
+    targets = find_targets(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:

@@ -115,6 +115,11 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
         tokenizer = byte_level_tokenizer()
         values: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        unknown = sorted(set(random_config or {}) - set(LlamaConfig().to_dict()))
+        if unknown:
+            raise ConfigError(f"model.random_config: unknown LlamaConfig key(s) {unknown}; valid keys include "
+                              f"hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+                              f"num_key_value_heads, max_position_embeddings, initializer_range")
         values.update(random_config or {})
         values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         with torch.random.fork_rng():

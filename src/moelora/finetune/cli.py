@@ -36,6 +36,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="clear a non-empty output_dir first (a new run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a local model folder's own Python code run (never read from a config file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -47,6 +49,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--method", choices=get_args(LMEvalMethod), help="default: the run's eval.method")
     p.add_argument("--max-examples", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own Python code run (never taken from the run folder)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -56,6 +60,8 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own Python code run (never taken from the run folder)")
 
 
 def _add_bench(sub) -> None:
@@ -92,6 +98,7 @@ def cmd_train(args) -> int:
     from .trainer import RunAlreadyComplete, Trainer
 
     config = load_config(args.config, args.overrides)
+    config.model.trust_remote_code = args.trust_remote_code
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -105,7 +112,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(run_dir: str, task: str | None = None, device: str | None = None):
+def _load_run(run_dir: str, task: str | None = None, device: str | None = None, trust_remote_code: bool = False):
     """``(config, runtime, model, tokenizer)`` of a finished run: base model, adapter and trained head, on
     ``device`` (default: the run's ``train.device``)."""
     from ..adapter import load_adapter
@@ -118,6 +125,7 @@ def _load_run(run_dir: str, task: str | None = None, device: str | None = None):
     if not (folder / "config.yaml").is_file() or not (folder / "adapter").is_dir():
         raise RunFolderError(f"{folder} is not a finished run folder (needs config.yaml and adapter/)")
     config = load_config(folder / "config.yaml")
+    config.model.trust_remote_code = trust_remote_code  # this command's permission, not the folder's
     if task:
         config.data.task = task
     target = resolve_device(device or config.train.device)
@@ -135,7 +143,8 @@ def _load_run(run_dir: str, task: str | None = None, device: str | None = None):
 def cmd_eval(args) -> int:
     from .devices import autocast
 
-    config, runtime, model, _ = _load_run(args.run_dir, task=args.data, device=args.device)
+    config, runtime, model, _ = _load_run(args.run_dir, task=args.data, device=args.device,
+                                          trust_remote_code=args.trust_remote_code)
     if args.method:
         config.eval.method = args.method
     examples = runtime.task.split(args.split)[: args.max_examples]
@@ -152,7 +161,8 @@ def cmd_generate(args) -> int:
     from .base_models import is_encoder
     from .devices import autocast
 
-    config, _, model, tokenizer = _load_run(args.run_dir, device=args.device)
+    config, _, model, tokenizer = _load_run(args.run_dir, device=args.device,
+                                            trust_remote_code=args.trust_remote_code)
     if is_encoder(config.model.name):
         raise ConfigError("generate needs a causal language model; this run trained an encoder classifier")
     device = next(model.parameters()).device

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from ..errors import ConfigError, MoELoRAError
 
-__all__ = ["ConfigError", "ModelNotFoundError", "RunFolderError", "TrainingError"]
+__all__ = ["ConfigError", "EvaluationError", "ModelNotFoundError", "RunFolderError", "TrainingError"]
 
 
 class TrainingError(MoELoRAError, RuntimeError):
     """The run cannot go on (non-finite loss, incompatible resume, ...); the message says why."""
+
+
+class EvaluationError(MoELoRAError, RuntimeError):
+    """An evaluation cannot give a meaningful number (non-finite scores); the message says why."""
 
 
 class RunFolderError(MoELoRAError, FileNotFoundError):

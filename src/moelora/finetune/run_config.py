@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -63,7 +64,8 @@ class ModelConfig:
             quantise the base's linear layers with bitsandbytes, computing in ``train.precision``.
         random_config: ``LlamaConfig`` values of ``random-llama`` (e.g. ``hidden_size``).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
-        trust_remote_code: allow a local model folder's own Python code to run (only for folders you trust).
+        trust_remote_code: never read from a file: pass ``--trust-remote-code`` to the command that should run
+            a local model folder's own Python code (only for folders you trust).
     """
 
     name: str = "smollm2-135m-instruct"
@@ -338,12 +340,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise ConfigError(f"{path} is empty: give a configuration (or run without a file for the default job)")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
-        data = loaded or {}
+        data = loaded
     apply_overrides(data, overrides or [])
     config = build(RunConfig, data)
     validate(config)
@@ -358,8 +364,49 @@ def replace_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     return replaced
 
 
+def _check(where: str, value: float | None, low: float, *, strict: bool = False, high: float | None = None,
+           allow_none: bool = False, meaning: str = "") -> None:
+    """A finite number in ``[low, high]`` (``(low, ...`` when ``strict``), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
+    if ok and high is not None:
+        ok = value <= high  # type: ignore[operator]
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ConfigError(f"{where} must be a finite number {bound}{meaning}, got {value!r}")
+
+
 def validate(config: RunConfig) -> None:
-    """Cross-field checks that the dataclass types cannot express."""
+    """Ranges and cross-field checks that the dataclass types cannot express, before any expensive work."""
+    t, o, d, e = config.train, config.optim, config.data, config.eval
+    _check("train.log_every", t.log_every, 1)
+    _check("train.save_every", t.save_every, 0, meaning=" (0: only at the end)")
+    _check("train.eval_every", t.eval_every, 0, meaning=" (0: no validation during training)")
+    _check("train.warmup_steps", t.warmup_steps, 0)
+    _check("train.keep_checkpoints", t.keep_checkpoints, 1)
+    _check("train.eval_examples", t.eval_examples, 1)
+    _check("optim.lr", o.lr, 0, strict=True)
+    _check("optim.router_lr", o.router_lr, 0, allow_none=True, meaning=" (empty: the experts' rate)")
+    _check("optim.weight_decay", o.weight_decay, 0)
+    _check("optim.router_max_grad_norm", o.router_max_grad_norm, 0, strict=True, allow_none=True,
+           meaning=" (empty: no clipping)")
+    _check("optim.eps", o.eps, 0)
+    _check("optim.momentum", o.momentum, 0, high=1)
+    _check("optim.reg", o.reg, 0, strict=True)
+    _check("optim.gate_floor", o.gate_floor, 0, strict=True)
+    if len(o.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {o.betas!r}")
+    _check("data.max_length", d.max_length, 2)
+    for name in ("max_train", "max_eval"):
+        _check(f"data.{name}", getattr(d, name), 1, allow_none=True, meaning=" (empty: all)")
+    _check("eval.batch_size", e.batch_size, 1)
+    _check("eval.max_new_tokens", e.max_new_tokens, 1)
+    if config.model.trust_remote_code:
+        raise ConfigError(
+            "model.trust_remote_code is not read from configuration files (a run folder's config.yaml could "
+            "plant code): pass --trust-remote-code to the command that should run a model folder's code"
+        )
     optim = config.optim
     defaults = OptimConfig()
     for f in dataclasses.fields(OptimConfig):
@@ -378,14 +425,16 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) must be divisible by train.grad_accum ({config.train.grad_accum})"
         )
-    if optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {optim.lr}")
     if not 0 <= config.train.final_lr_ratio <= 1:
         raise ConfigError(f"train.final_lr_ratio must be in [0, 1], got {config.train.final_lr_ratio}")
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved configuration as YAML; ``model.trust_remote_code`` is never written as true (a
+    permission of the command that ran, not part of the run)."""
+    data = config.to_dict()
+    data["model"]["trust_remote_code"] = False
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------- documentation

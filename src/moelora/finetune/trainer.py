@@ -44,7 +44,7 @@ from ..atomic import atomic_dir, write_text_atomic
 from ..diagnostics import router_stats
 from ..errors import MoELoRAError
 from ..extras import require_extra
-from ..inject import wrap
+from ..inject import find_targets, wrap
 from ..optim import share_gate_statistics
 from . import checkpoint as ckpt
 from .base_models import load_base_for_run
@@ -255,6 +255,7 @@ class Trainer:
         model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels, device=self.device)
         self.model = model
         runtime.attach(model, self.tokenizer)
+        find_targets(model, cfg.adapter)  # a target list that matches nothing fails before the evaluation
         if cfg.model.quantization != "none":
             prepare_for_kbit_training(model, cfg.model.gradient_checkpointing)
         self.zero_shot = self._zero_shot()

@@ -146,6 +146,7 @@ class RiemannianOptimizer(Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._check_state(param)
                 factor = None
                 if precondition_group and owner is not None and owner[1] in (SIDE_A, SIDE_B):
                     factor = expert_factor(param, owner[0])
@@ -173,6 +174,17 @@ class RiemannianOptimizer(Optimizer):
                 f"load_state_dict), or pass preconditioner='none' for a plain update"
             )
         return work, list(layers.values())
+
+    def _check_state(self, param: torch.Tensor) -> None:
+        """A parameter cast or moved after this optimizer's first step no longer matches its state."""
+        for key, value in self.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and (value.dtype != param.dtype or value.device != param.device):
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(param.shape)} is {param.dtype} on {param.device}, but this "
+                    f"optimizer's state {key!r} for it is {value.dtype} on {value.device}: the model was cast or "
+                    f"moved after the optimizer's first step. Cast or move it before building the optimizer, or "
+                    f"build a new one (load_state_dict of the old state casts it to the new parameters)"
+                )
 
     def _gate_means(self, work: list[_GroupWork]) -> dict[int, torch.Tensor]:
         needed = {id(f.layer): f.layer for w in work if w.group["preconditioner"] == GATE_RESCALED for f in w.factors}

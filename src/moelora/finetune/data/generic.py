@@ -232,6 +232,8 @@ def load_classification_file(
             raise DataError(f"{train_path}: no rows with a {label_field!r} field")
         labels = sorted(values, key=lambda v: (0, int(v)) if v.lstrip("-").isdigit() else (1, v))
         logger.info("%s: inferred labels %s from %s", name, labels, train_path)
+    if isinstance(labels, str):  # a YAML scalar where a list was meant: never split it into characters
+        raise DataError(f"{name}: labels must be a list of class names, e.g. [negative, positive], got {labels!r}")
     names = tuple(str(n) for n in labels or ())
 
     def parse(row: dict) -> Example:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ...errors import ConfigError
 from ..data.collate import EncoderCollator
 from ..data.example import Example, TaskData
+from ..errors import EvaluationError
 from .generation import extract_answer, generate_texts
 from .intervals import Interval, bootstrap_interval, wilson_interval
 from .metrics import accuracy, get_metric, pearson, spearman
@@ -193,6 +194,13 @@ def evaluate(
                                             max_length=max_length, progress=progress, desc=desc)
     finally:
         model.train(was_training)
+    if scores is not None:
+        bad = [i for i, row in enumerate(scores) if not all(math.isfinite(float(v)) for v in np.ravel(row))]
+        if bad:  # argmax would pick option 0 for a NaN row and report a plausible accuracy
+            raise EvaluationError(
+                f"{task.name}: the model's scores are not finite (NaN or inf) for {len(bad)} of {len(scores)} "
+                f"examples (the first: #{bad[0]}); the adapter or the model diverged"
+            )
 
     metric_fn = get_metric(task.metric)
     value = float(metric_fn(predictions, labels))
