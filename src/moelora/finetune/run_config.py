@@ -342,7 +342,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+            line = err.object[: err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {err.start}): save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if loaded is None:

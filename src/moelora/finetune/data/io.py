@@ -56,9 +56,29 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+def not_utf8(path: Path) -> MalformedRowError:
+    """The error for a file that is not UTF-8 text, naming its first undecodable line and byte."""
+    opener = gzip.open if path.suffix == ".gz" else bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return MalformedRowError(f"not UTF-8 text (byte {err.start} of the line): save the file as UTF-8",
+                                         path, line_no)
+    return MalformedRowError("not UTF-8 text: save the file as UTF-8", path)
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Row]]:
     """``(line, object)`` for every non-blank line of a JSON Lines file."""
     path = require_file(path)
+    try:
+        yield from _read_jsonl(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Row]]:
     with open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -85,6 +105,8 @@ def read_json_records(path: str | Path) -> Iterator[tuple[str, Row]]:
             doc = json.load(f)
         except json.JSONDecodeError as err:
             raise MalformedRowError(f"invalid JSON ({err.msg})", path, err.lineno) from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
     if isinstance(doc, dict):
         for key in ("data", "examples"):
             if isinstance(doc.get(key), list):
@@ -116,6 +138,14 @@ def read_delimited(
             trailing fields are malformed too unless ``min_columns`` is given).
     """
     path = require_file(path)
+    try:
+        yield from _read_delimited(path, delimiter, columns, quoting, min_columns)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _read_delimited(path: Path, delimiter: str, columns: Sequence[str] | None, quoting: CsvQuoting,
+                    min_columns: int | None) -> Iterator[tuple[int, Row]]:
     with open_text(path) as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         header = list(columns) if columns is not None else None
