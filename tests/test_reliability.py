@@ -356,3 +356,47 @@ def test_non_utf8_data_names_the_file_and_line(tmp_path, suffix, content, line):
     path.write_bytes(content)
     with pytest.raises(MalformedRowError, match=rf"train{suffix}, line {line}: not UTF-8 text"):
         load_task("classification_file", train_file=str(path))
+
+
+def test_a_read_only_output_dir_and_a_full_disk_are_clear_errors(tmp_path, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as a user who ignores permissions
+            pytest.skip("this user can write to read-only folders")
+        with pytest.raises(ConfigError, match="cannot write to output_dir"):
+            Trainer(load_config(SMOKE, [f"output_dir={locked / 'run'}", *FAST]), progress=False).run()
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from moelora.finetune import checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_state", full)
+    with pytest.raises(TrainingError, match="could not write the step-2 checkpoint.*No space left"):
+        Trainer(smoke(tmp_path), progress=False).run()
+
+
+def test_an_unwritable_output_dir_is_refused_before_loading(tmp_path, monkeypatch):
+    import errno
+
+    from moelora.finetune import trainer as trainer_module
+
+    def refuse(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(trainer_module, "write_text_atomic", refuse)
+    loaded = []
+    monkeypatch.setattr(trainer_module, "load_base_for_run", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ConfigError, match="cannot write to output_dir .*Permission denied"):
+        Trainer(smoke(tmp_path), progress=False).run()
+    assert not loaded

@@ -119,6 +119,16 @@ def _check_overwritable(folder: Path) -> None:
                           f"home or root folder: choose an output_dir of its own")
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe into it, so that a read-only or full disk shows before training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / ".write-probe", "ok\n")
+        (folder / ".write-probe").unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to output_dir {folder}: {err.strerror or err}") from None
+
+
 def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
@@ -245,7 +255,7 @@ class Trainer:
         if resume_from is not None:
             self._check_resume(saved, self.start_step)
         if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.run_dir)
             if resume_from is not None:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", int(saved.get("metrics_lines", 0)))
             self._write("config.yaml", dump_config(cfg))
@@ -536,7 +546,11 @@ class Trainer:
                            indent=2)
             )
 
-        path = ckpt.finish_dir(partial, final, fill) if self.sharded else atomic_dir(final, fill)
+        try:
+            path = ckpt.finish_dir(partial, final, fill) if self.sharded else atomic_dir(final, fill)
+        except OSError as err:  # a full disk, a lost mount: the previous checkpoint is still whole
+            raise TrainingError(f"could not write the step-{step} checkpoint in {folder}: {err.strerror or err}; "
+                                f"the previous checkpoints are intact (free space, then --resume)") from None
         ckpt.prune_checkpoints(folder, self.config.train.keep_checkpoints)
         if self.ctx.enabled:
             self.ctx.barrier()
