@@ -56,18 +56,27 @@ def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         fill(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        os.chmod(tmp, 0o777 & ~_current_umask())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    return target
+
+
+def replace_dir(filled: Path, target: Path) -> Path:
+    """Rename the complete folder ``filled`` onto ``target``, replacing an older one, after its files reach
+    the disk: ``target`` is always whole or absent. Between the two renames of a swap the old folder is
+    ``.<target>.old`` (a reader that finds it and no ``target`` may put it back)."""
+    for file in filled.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    os.chmod(filled, 0o777 & ~_current_umask())
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier, interrupted swap
+        os.replace(target, old)
+        os.replace(filled, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(filled, target)
     return target

@@ -133,13 +133,7 @@ def training_steps(device: torch.device, quick: bool) -> dict[str, Any]:
     from . import precision_bench
 
     result = precision_bench.run(quick=quick, device=device)
-    fp32_batch = precision_bench.random_batch(device)
-    steps = {kind: precision_bench.training_step(*precision_bench.candidate(kind, device), fp32_batch, None)
-             for kind in ("moelora", "peft_lora_r16")}
-    from .timing import time_interleaved
-
-    timing = time_interleaved(steps, repeats=4 if quick else 10, warmup=1)
-    result["fp32"] = {"timings": timing.as_dict(), "cost_vs_peft_lora": timing.ratio("moelora", "peft_lora_r16")}
+    result["fp32"] = precision_bench.compare(device, "none", quick, autocast_dtype=None)
     return result
 
 

@@ -100,10 +100,12 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
     return step
 
 
-def compare(device: torch.device, quantization: str, quick: bool, layers: int | None = None) -> dict[str, Any]:
-    """Interleaved steps of both candidates in bf16 autocast on the same base (quantised or not)."""
+def compare(device: torch.device, quantization: str, quick: bool, layers: int | None = None,
+            autocast_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+    """Interleaved steps of both candidates on the same base (quantised or not), under autocast to
+    ``autocast_dtype`` (None: float32 throughout)."""
     batch = random_batch(device)
-    steps = {kind: training_step(*candidate(kind, device, quantization, layers), batch, torch.bfloat16)
+    steps = {kind: training_step(*candidate(kind, device, quantization, layers), batch, autocast_dtype)
              for kind in ("moelora", "peft_lora_r16")}
     losses = {kind: step() for kind, step in steps.items()}  # a first step, also checks the loss is finite
     timing = time_interleaved(steps, repeats=4 if quick else 10, warmup=1)

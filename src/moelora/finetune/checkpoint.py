@@ -94,19 +94,23 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint folder ``path`` cannot be resumed from (a missing key, a truncated file), or None."""
+TRAINER_STATE_KEYS = ("step", "steps", "identity", "sharded", "metrics_lines")
+
+
+def checkpoint_state(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(trainer state, None)`` of a checkpoint folder that reads back whole, else ``(None, why not)``
+    (a missing key, a truncated file)."""
     from safetensors import safe_open
 
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-        missing = [key for key in ("step", "identity", "metrics_lines") if key not in state]
+        missing = [key for key in TRAINER_STATE_KEYS if key not in state]
         if missing:
-            return f"trainer_state.json has no {', '.join(map(repr, missing))}"
+            return None, f"trainer_state.json has no {', '.join(map(repr, missing))}"
         load_state(path, "loop_state")
-        if state.get("sharded"):
+        if state["sharded"]:
             if not (path / "sharded" / ".metadata").is_file():
-                return "sharded/.metadata is missing"
+                return None, "sharded/.metadata is missing"
         else:
             load_state(path, "optimizer")
             json.loads((path / "adapter" / "adapter_config.json").read_text())
@@ -114,8 +118,8 @@ def checkpoint_problem(path: Path) -> str | None:
                 for key in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                     f.get_tensor(key)
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+        return None, f"{type(err).__name__}: {err}"
+    return state, None
 
 
 def recover_checkpoints(folder: Path) -> tuple[int, str, dict[str, Any]] | None:
@@ -140,9 +144,9 @@ def recover_checkpoints(folder: Path) -> tuple[int, str, dict[str, Any]] | None:
                 logger.warning("restoring %s from %s (a run was killed while replacing it)", final, path)
                 os.replace(path, final)
     for step, path in reversed(list_checkpoints(folder)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return step, str(path), json.loads((path / "trainer_state.json").read_text())
+        state, problem = checkpoint_state(path)
+        if state is not None:
+            return step, str(path), state
         logger.warning("checkpoint %s cannot be resumed from (%s): trying the one before", path, problem)
     return None
 
@@ -254,18 +258,3 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Pat
     # strict=False: the state holds the trainable weights only; the frozen base is the model's own
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-
-
-def finish_dir(partial: Path, final: Path, fill) -> Path:
-    """Complete the folder ``partial`` (which other processes have written into) with ``fill`` and rename it
-    onto ``final``, replacing an older one: ``final`` is always whole or absent."""
-    fill(partial)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, final)
-    return final

@@ -56,7 +56,7 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
     available = ", ".join(available_devices())
     if kind == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
+            return _this_process_cuda(local_rank, distributed)
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if kind == "cpu":
         return torch.device("cpu")
@@ -75,6 +75,11 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
             raise ConfigError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA "
                               f"device(s); available: {available}")
         return torch.device("cuda", int(index))
+    return _this_process_cuda(local_rank, distributed)
+
+
+def _this_process_cuda(local_rank: int, distributed: bool) -> torch.device:
+    """``cuda:LOCAL_RANK`` under torchrun, else the current CUDA device."""
     return torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
 
 

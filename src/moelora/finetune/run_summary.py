@@ -29,15 +29,17 @@ def _fmt(result: dict | None) -> str:
 def write_report(run_dir: Path, config: RunConfig, runtime, *, zero_shot: EvalResult | None, final: EvalResult,
                  train_time_s: float, last_loss: float, router: dict, resumed_from: int | None,
                  sharding: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write the summary files and plots of a finished run; returns the summary (``summary.json``)."""
-    summary = _write(run_dir, config, runtime, zero_shot.to_dict() if zero_shot is not None else None,
-                     final.to_dict(), train_time_s, last_loss, router, resumed_from, sharding)
-    return summary
+    """Write the summary files and plots of a finished run; returns the summary (``summary.json``).
+
+    The evaluations are used in their JSON form, as ``summary.json`` stores them.
+    """
+    return _write_summary(run_dir, config, runtime, zero_shot.to_dict() if zero_shot is not None else None,
+                          final.to_dict(), train_time_s, last_loss, router, resumed_from, sharding)
 
 
-def _write(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, final: dict, train_time_s: float,
-           last_loss: float, router: dict, resumed_from: int | None, sharding: dict[str, int] | None) -> dict[str, Any]:
-    """``write_report`` on the JSON forms of the evaluations (what ``summary.json`` stores)."""
+def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | None, final: dict,
+                   train_time_s: float, last_loss: float, router: dict, resumed_from: int | None,
+                   sharding: dict[str, int] | None) -> dict[str, Any]:
     difference: dict[str, Any] | None = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):
         diff, low, high = paired_bootstrap_difference(final["correct"], zero_shot["correct"], seed=config.train.seed)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..adapter import load_adapter_weights, save_adapter
-from ..atomic import atomic_dir, write_text_atomic
+from ..atomic import atomic_dir, replace_dir, write_text_atomic
 from ..diagnostics import router_stats
 from ..errors import MoELoRAError
 from ..extras import require_extra
@@ -88,7 +88,7 @@ class TrainResult:
         run_dir: the run folder.
         steps: optimizer steps of the finished run.
         resumed_from: the step the last sitting started from (``None`` for an uninterrupted run).
-        train_time_s: seconds spent in ``fit`` in the last sitting.
+        train_time_s: seconds spent in ``fit``, over every sitting of the run.
         final_train_loss: the training loss of the last step.
         zero_shot: the base model's held-out evaluation, when configured.
         validation: the final validation evaluation, when ``train.eval_every`` is set.
@@ -257,7 +257,7 @@ class Trainer:
         if ctx.is_main:
             _check_writable(self.run_dir)
             if resume_from is not None:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", int(saved.get("metrics_lines", 0)))
+                _truncate_metrics(self.run_dir / "metrics.jsonl", int(saved["metrics_lines"]))
             self._write("config.yaml", dump_config(cfg))
         torch.manual_seed(tcfg.seed)
 
@@ -330,13 +330,18 @@ class Trainer:
     def _check_resume(self, saved: dict[str, Any], step: int) -> None:
         """Refuse a resume whose configuration or data differ from the run's, listing each difference."""
         cfg = self.config
-        changed = differences(saved.get("identity", {}), self._identity)
+        changed = differences(saved["identity"], self._identity)
         if changed:
             raise ConfigError(
                 f"--resume: the run in {self.run_dir} was trained with different settings; resume with the "
                 f"same ones or start a new run:\n  " + "\n  ".join(changed)
             )
-        planned = int(saved.get("steps", cfg.train.steps))
+        if saved["sharded"] != self.sharded:
+            raise TrainingError(
+                f"--resume: the run in {self.run_dir} was checkpointed {'with' if saved['sharded'] else 'without'} "
+                f"FSDP2 sharding (train.distributed=fsdp over several processes); resume it the same way"
+            )
+        planned = int(saved["steps"])
         if cfg.train.steps < step:
             raise ConfigError(f"--resume: the run is at step {step}; train.steps={cfg.train.steps} is fewer")
         if cfg.train.steps != planned and cfg.train.final_lr_ratio != 1.0:
@@ -360,7 +365,7 @@ class Trainer:
             result = EvalResult.from_dict(json.loads(path.read_text()))
         elif self.ctx.is_main:
             with self._autocast():
-                result = self.runtime.evaluate(self.runtime.task.test, progress=self.progress, label="zero-shot")
+                result = self.runtime.evaluate_test(progress=self.progress, label="zero-shot")
             self._write("eval_zero_shot.json", json.dumps(result.to_dict()))
             self._notify_eval("zero-shot", 0, result)
         self.ctx.barrier()
@@ -464,9 +469,8 @@ class Trainer:
 
     def _validate(self, step: int) -> EvalResult:
         assert self.runtime is not None
-        examples = self.runtime.task.validation[: self.config.train.eval_examples]
         with self._autocast():
-            result = self.runtime.evaluate(examples, progress=False, label="validation")
+            result = self.runtime.evaluate_validation(progress=False)
         self._log({"step": step, "split": "validation", **_metric_fields(result)})
         self._notify_eval("validation", step, result)
         return result
@@ -487,8 +491,8 @@ class Trainer:
             validation = self._validate(steps) if self.config.train.eval_every else None
             if test:
                 with self._autocast():
-                    final = self.runtime.evaluate(self.runtime.task.test, progress=self.progress and self.ctx.is_main,
-                                                  label="fine-tuned")
+                    final = self.runtime.evaluate_test(progress=self.progress and self.ctx.is_main,
+                                                       label="fine-tuned")
                 self._log({"step": steps, "split": "test", **_metric_fields(final)})
                 self._notify_eval("test", steps, final)
         if self.ctx.is_main:
@@ -547,7 +551,11 @@ class Trainer:
             )
 
         try:
-            path = ckpt.finish_dir(partial, final, fill) if self.sharded else atomic_dir(final, fill)
+            if self.sharded:  # the other processes wrote their shards into ``partial``
+                fill(partial)
+                path = replace_dir(partial, final)
+            else:
+                path = atomic_dir(final, fill)
         except OSError as err:  # a full disk, a lost mount: the previous checkpoint is still whole
             raise TrainingError(f"could not write the step-{step} checkpoint in {folder}: {err.strerror or err}; "
                                 f"the previous checkpoints are intact (free space, then --resume)") from None
@@ -559,12 +567,6 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         assert self.model is not None and self.optimizer is not None
-        saved_sharded = json.loads((path / "trainer_state.json").read_text()).get("sharded", False)
-        if saved_sharded != self.sharded:
-            raise TrainingError(
-                f"--resume: {path} was written {'with' if saved_sharded else 'without'} FSDP2 sharding "
-                f"(train.distributed=fsdp over several processes); resume it the same way"
-            )
         if self.sharded:
             ckpt.load_sharded(self.model, self.optimizer, path / "sharded")
         else:
