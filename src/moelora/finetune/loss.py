@@ -96,7 +96,8 @@ def answer_loss(
         ``"auto"``: ``"gather"`` when supported, else ``"logits_to_keep"``.
 
     Args:
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (and ``position_ids`` when given), ``(B, T)``.
+        batch: ``input_ids``, ``labels``, and ``attention_mask`` and ``position_ids`` when given, ``(B, T)``
+            (a packed batch has ``position_ids`` and no ``attention_mask``).
         reduction: ``"mean"`` over answer tokens, or ``"sum"`` (divide by the total answer-token count
             yourself when accumulating gradients over micro-batches of different sizes).
 
@@ -140,9 +141,12 @@ class CausalLMAnswerLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # No attention_mask: a packed batch, whose sequences the model separates by where position_ids restart.
+        batch = {"input_ids": input_ids, "labels": labels}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
         if position_ids is not None:
             batch["position_ids"] = position_ids
         # "gather" calls the body directly; that is safe under DDP, which wraps this module, not the model,

@@ -26,6 +26,7 @@ import yaml
 
 from ..config import MoELoRAConfig, OptimizerName, Preconditioner
 from ..errors import ConfigError
+from .data.chat import TrainOn
 from .devices import Precision, check_device_name
 from .eval.evaluate import LMEvalMethod
 from .quantization import Quantization, require_bitsandbytes
@@ -82,13 +83,18 @@ class DataConfig:
 
     Attributes:
         task: a task name such as ``rotten_tomatoes``, ``siqa``, ``bigbench:<task>``, ``glue:cola``,
-            ``mc_file`` or ``classification_file``.
+            ``mc_file``, ``classification_file``, or a generative one: ``chat_file``, ``instruction_file``,
+            ``completion_file``.
         path: folder (or file) of a task read from local files.
         max_train: keep at most this many training examples (all when empty).
         max_eval: keep at most this many validation and test examples (all when empty).
         max_length: longest tokenised sequence; longer prompts are cut from the left.
         subset_seed: seed of the ``max_train`` / ``max_eval`` subsets and of derived splits.
         options: keyword options of the task's loader (e.g. ``answer_format``).
+        chat_template: generative tasks: empty for the tokenizer's own template, ``chatml`` for the fallback,
+            or Jinja template text.
+        train_on: generative tasks: the loss is on ``all`` assistant turns or only the ``last``.
+        packing: generative tasks: pack each micro-batch's conversations into rows of max_length tokens.
     """
 
     task: str = "rotten_tomatoes"
@@ -98,6 +104,9 @@ class DataConfig:
     max_length: int = 256
     subset_seed: int = 0
     options: dict = field(default_factory=dict)
+    chat_template: str | None = None
+    train_on: TrainOn = "all"
+    packing: bool = False
 
 
 def default_adapter() -> MoELoRAConfig:

@@ -23,6 +23,8 @@ def _fmt(result: dict | None) -> str:
     if not result:
         return "n/a"
     low, high = result.get("interval") or (math.nan, math.nan)
+    if result.get("metric", "") not in ("accuracy", "exact_match", "") and "metric" in result:
+        return f"{result['value']:.3f} (95 % CI {low:.3f} – {high:.3f}, n = {result.get('n')})"
     return f"{100 * result['value']:.1f} % (95 % CI {100 * low:.1f} – {100 * high:.1f}, n = {result.get('n')})"
 
 
@@ -42,8 +44,13 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
                    sharding: dict[str, int] | None) -> dict[str, Any]:
     difference: dict[str, Any] | None = None
     if zero_shot and zero_shot.get("correct") and final.get("correct"):
-        diff, low, high = paired_bootstrap_difference(final["correct"], zero_shot["correct"], seed=config.train.seed)
-        difference = {"value": diff, "interval": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
+        difference = _paired(final["correct"], zero_shot["correct"], config.train.seed)
+    # Generative tasks: the paired difference of every further per-example metric (contains, token F1).
+    differences = {
+        name: _paired(values, zero_shot["per_example"][name], config.train.seed)
+        for name, values in (final.get("per_example") or {}).items()
+        if zero_shot and name in (zero_shot.get("per_example") or {})
+    }
     metrics = read_metrics(run_dir)
     train_events = [m for m in metrics if "loss" in m]
     throughput = [m["tokens_per_s"] for m in train_events if "tokens_per_s" in m]
@@ -63,11 +70,13 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
         "zero_shot": _strip(zero_shot),
         "fine_tuned": _strip(final),
         "difference": difference,
+        "differences": differences or None,
         "final_train_loss": last_loss,
         "train_time_s": train_time_s,
         "median_tokens_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
         "resumed_from_step": resumed_from,
         "split_sizes": runtime.task.sizes(),
+        "skipped_too_long": getattr(runtime, "skipped", 0),
         "sharding": sharding,
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -84,15 +93,40 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
             f"- difference (paired bootstrap): {100 * difference['value']:+.1f} points, 95 % CI "
             f"{100 * difference['interval'][0]:+.1f} to {100 * difference['interval'][1]:+.1f}"
         )
+    for name, diff in differences.items():
+        lines.append(
+            f"- {name}: zero-shot {_fmt(_metric(zero_shot, name))}; fine-tuned {_fmt(_metric(final, name))}; "
+            f"difference {100 * diff['value']:+.1f} points, 95 % CI {100 * diff['interval'][0]:+.1f} to "
+            f"{100 * diff['interval'][1]:+.1f}"
+        )
+    if "loss" in final.get("metrics", {}):
+        before = (zero_shot or {}).get("metrics", {})
+        after = final["metrics"]
+        was = f"zero-shot {before['loss']:.3f} (perplexity {before['perplexity']:.2f}); " if "loss" in before else ""
+        lines.append(f"- held-out loss per assistant token: {was}fine-tuned {after['loss']:.3f} "
+                     f"(perplexity {after['perplexity']:.2f})")
     write_text_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
     plot_run(run_dir, metrics, zero_shot, final, router, config.train.steps)
     return summary
 
 
+def _paired(a: list, b: list, seed: int) -> dict[str, Any]:
+    diff, low, high = paired_bootstrap_difference(a, b, seed=seed)
+    return {"value": diff, "interval": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def _metric(result: dict | None, name: str) -> dict | None:
+    """A further metric of an evaluation in the form ``_fmt`` reads (value, interval, n)."""
+    if not result or name not in result.get("metrics", {}):
+        return None
+    return {"value": result["metrics"][name], "interval": (result.get("intervals") or {}).get(name),
+            "n": result.get("n")}
+
+
 def _strip(result: dict | None) -> dict | None:
     if result is None:
         return None
-    return {k: v for k, v in result.items() if k not in ("correct", "predictions")}
+    return {k: v for k, v in result.items() if k not in ("correct", "predictions", "per_example")}
 
 
 def plot_run(run_dir: Path, metrics: list[dict], zero_shot: dict | None, final: dict, router: dict, steps: int) -> None:

@@ -10,6 +10,8 @@ from torch import nn
 
 from .base_models import is_encoder
 from .data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example, TaskData, load_task
+from .data.chat import ConversationTooLongError, EncodedConversation
+from .data.chat_collate import ChatCollator
 from .errors import ConfigError
 from .run_config import RunConfig
 
@@ -29,6 +31,12 @@ class TaskRuntime:
     model: nn.Module | None = None
     tokenizer: Any = None
     _collator: Any = None
+    _encoded: list[EncodedConversation] | None = None  # a generative task's training conversations
+    skipped: int = 0  # training conversations left out: their last answer does not fit data.max_length
+
+    @property
+    def generative(self) -> bool:
+        return self.task.kind == "generative"
 
     @classmethod
     def load(cls, config: RunConfig) -> TaskRuntime:
@@ -38,6 +46,12 @@ class TaskRuntime:
             max_eval=data.max_eval, **data.options,
         )
         encoder = is_encoder(config.model.name)
+        if task.kind == "generative" and encoder:
+            raise ConfigError(f"task {task.name!r} is generative (conversations): train it with a causal language "
+                              "model, not an encoder")
+        if task.kind != "generative" and (data.packing or data.train_on != "all" or data.chat_template):
+            raise ConfigError(f"data.packing, data.train_on and data.chat_template apply to generative tasks "
+                              f"(chat_file, instruction_file, completion_file); {task.name!r} is {task.kind}")
         if task.kind == "regression" and not encoder:
             raise ConfigError(
                 f"task {task.name!r} is a regression task; train it with an encoder (model.name: minilm)"
@@ -46,8 +60,13 @@ class TaskRuntime:
 
     def attach(self, model: nn.Module, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        data = self.config.data
         if self.encoder:
-            self._collator = EncoderCollator(tokenizer, self.config.data.max_length)
+            self._collator = EncoderCollator(tokenizer, data.max_length)
+        elif self.generative:
+            self._collator = ChatCollator(tokenizer, data.max_length, chat_template=data.chat_template,
+                                          train_on=data.train_on, packing=data.packing)
+            self._encode_train()
         else:
             # Right padding: position ids stay 0..n-1 for every row and the answer follows its prompt.
             self._collator = CausalLMCollator(tokenizer, self.config.data.max_length, padding_side="right")
@@ -60,15 +79,41 @@ class TaskRuntime:
                 raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
             head.requires_grad_(True)
 
+    def _encode_train(self) -> None:
+        """Render and label the training conversations once; those whose last answer cannot fit are left
+        out and counted (an error when none is left)."""
+        kept, encoded = [], []
+        for example in self.task.train:
+            try:
+                encoded.append(self._collator.encode(example))
+                kept.append(example)
+            except ConversationTooLongError:
+                self.skipped += 1
+        if self.skipped:
+            logger.warning("%s: %d of %d training conversations are left out: their last answer does not fit "
+                           "data.max_length=%d", self.task.name, self.skipped, len(self.task.train),
+                           self.config.data.max_length)
+        if not kept:
+            raise ConfigError(f"no training conversation of {self.task.name!r} fits data.max_length="
+                              f"{self.config.data.max_length}: raise it")
+        self.task.train, self._encoded = kept, encoded
+
     # ------------------------------------------------------------------------------------ training data
     def train_lengths(self) -> list[int]:
         """Token lengths of the training sequences (characters for encoders), for length grouping."""
+        if self._encoded is not None:
+            return [len(e.input_ids) for e in self._encoded]
         if self.encoder:
             return [len(ex.text) + len(ex.text_pair or "") for ex in self.task.train]
         return self._collator.token_lengths(self.task.train)
 
     def collate_train(self, indices: list[int]) -> dict[str, Any]:
         """``{"inputs": loss-module kwargs, "n_targets": loss terms, "n_tokens": real tokens}``."""
+        if self._encoded is not None:
+            encoded = [self._encoded[i] for i in indices]
+            inputs = self._collator.collate(encoded)
+            n_targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            return {"inputs": inputs, "n_targets": n_targets, "n_tokens": sum(len(e.input_ids) for e in encoded)}
         inputs = self._collator([self.task.train[i] for i in indices])
         if self.encoder:
             n_targets = inputs["labels"].shape[0]
@@ -82,10 +127,13 @@ class TaskRuntime:
         from .eval import evaluate
 
         assert self.model is not None, "TaskRuntime.attach(model, tokenizer) first"
+        method = "classifier" if self.encoder else "generate" if self.generative else self.config.eval.method
+        data = self.config.data
         return evaluate(
-            self.model, self.tokenizer, self.task, examples, method="classifier" if self.encoder else self.config.eval.method,
+            self.model, self.tokenizer, self.task, examples, method=method,
             batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,
-            max_length=self.config.data.max_length, progress=progress, desc=label,
+            max_length=data.max_length, progress=progress, desc=label, chat_template=data.chat_template,
+            train_on=data.train_on,
         )
 
     def evaluate_test(self, progress: bool = True, label: str = "test") -> EvalResult:

@@ -151,7 +151,8 @@ def _truncate_metrics(path: Path, lines: int) -> None:
 
 
 def _metric_fields(result: EvalResult) -> dict[str, Any]:
-    return {k: v for k, v in result.to_dict(per_example=False).items() if k in ("metric", "value", "interval", "n")}
+    fields = ("metric", "value", "interval", "n") + (("metrics",) if result.per_example else ())
+    return {k: v for k, v in result.to_dict(per_example=False).items() if k in fields}
 
 
 class _LossWindow:

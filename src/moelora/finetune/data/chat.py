@@ -12,8 +12,8 @@ A conversation is an optional system message, then user and assistant turns alte
 the user and ending with the assistant; every content is a non-empty string (``parse_conversation``
 raises ``MalformedRowError`` otherwise, which the file readers locate at file and line).
 
-``encode_conversation`` renders a conversation with the tokenizer's own chat template (or, when asked, the
-documented fallback ``CHATML_TEMPLATE``) and labels the tokens of the assistant turns only (every turn, or
+``encode_conversation`` renders a conversation with the tokenizer's own chat template (or the one chosen,
+e.g. the documented fallback ``CHATML_TEMPLATE``, see ``resolve_chat_template``) and labels the tokens of the assistant turns only (every turn, or
 only the last), so that the loss is on what the model should say. Truncation keeps the last assistant turn
 whole and drops the oldest tokens of the context; a conversation whose last answer alone does not fit is
 an error (``ConversationTooLongError``) that a loader may count and skip.
@@ -40,6 +40,29 @@ CHATML_TEMPLATE = (
 )
 
 TrainOn = Literal["all", "last"]
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
+    """The template a run renders with: ``chat_template`` when given (``"chatml"`` names the fallback
+    ``CHATML_TEMPLATE``; anything else is Jinja template text), else the tokenizer's own.
+
+    Raises ``DataError`` when there is neither: a conversation is never rendered in an ad-hoc format.
+    """
+    if chat_template == "chatml":
+        return CHATML_TEMPLATE
+    if chat_template:
+        if "{%" not in chat_template and "{{" not in chat_template:
+            raise DataError(f"data.chat_template must be 'chatml' or a Jinja chat template, got {chat_template!r}")
+        return chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        raise DataError(
+            "the tokenizer has no chat template: choose one with data.chat_template (a Jinja template, or "
+            "'chatml' for the documented ChatML fallback)"
+        )
+    if isinstance(own, dict):  # several named templates: the default one
+        own = own.get("default") or next(iter(own.values()))
+    return str(own)
 
 
 def parse_conversation(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -131,17 +154,8 @@ class EncodedConversation:
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
            template: str | None = None) -> str:
-    """The conversation as text, through the tokenizer's chat template (``template`` overrides it).
-
-    Raises ``DataError`` when the tokenizer has no chat template and none is given: choose one
-    (``CHATML_TEMPLATE`` is the documented fallback) rather than training on an ad-hoc format.
-    """
-    chosen = template or getattr(tokenizer, "chat_template", None)
-    if not chosen:
-        raise DataError(
-            "the tokenizer has no chat template: pass one (data.options.chat_template), or choose the fallback "
-            "ChatML template with data.options.chat_template=chatml"
-        )
+    """The conversation as text, through ``resolve_chat_template(tokenizer, template)``."""
+    chosen = resolve_chat_template(tokenizer, template)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          chat_template=chosen)
 
@@ -197,6 +211,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], *, max_l
             )
         truncated = len(ids) - max_length
         ids, labels = ids[truncated:], labels[truncated:]
+    labels[0] = IGNORE_INDEX  # nothing predicts a sequence's first token (and, packed, it follows another one)
     return EncodedConversation(input_ids=ids, labels=labels, truncated=truncated)
 
 
@@ -207,3 +222,21 @@ def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     jsonl = ".jsonl" in path.suffixes
     rows: Iterable[tuple[int | str, dict]] = read_jsonl(path) if jsonl else read_json_records(path)
     return parse_rows(path, rows, parse_conversation)
+
+
+def end_of_turn(tokenizer: Any, template: str | None = None) -> tuple[list[int], str | None]:
+    """``(stop token ids, marker text)`` of the template's end of an assistant turn (e.g. ``<|im_end|>``).
+
+    Found by rendering a one-turn conversation: what the template writes after the answer's text. The
+    marker is a stop token for generation when it is a single token of the tokenizer; either way a
+    generated text is cut where the marker starts.
+    """
+    probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    text, spans = assistant_spans(tokenizer, probe, template)
+    start, end = spans[-1]
+    answer = text[start:end]
+    marker = answer[answer.index("A") + 1 :].strip() if "A" in answer else ""
+    if not marker:
+        return [], None
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return (list(ids) if len(ids) == 1 else []), marker

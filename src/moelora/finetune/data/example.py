@@ -11,9 +11,9 @@ from .errors import EmptySplitError, LabelOutOfRangeError
 
 logger = logging.getLogger(__name__)
 
-TaskKind = Literal["multiple_choice", "classification", "regression"]
-TASK_KINDS = ("multiple_choice", "classification", "regression")
-METRICS = ("accuracy", "mcc", "f1", "pearson_spearman")
+TaskKind = Literal["multiple_choice", "classification", "regression", "generative"]
+TASK_KINDS = ("multiple_choice", "classification", "regression", "generative")
+METRICS = ("accuracy", "mcc", "f1", "pearson_spearman", "exact_match")
 SPLITS = ("train", "validation", "test")
 
 
@@ -31,6 +31,9 @@ class Example:
         text: the raw input of an encoder classifier (first segment).
         text_pair: the optional second segment of an encoder classifier (sentence pairs, passages).
         uid: an identifier that is stable across loads (the source's id when it has one).
+        messages: a generative (chat) example's conversation ``({"role", "content"}, ...)``, ending with
+            the assistant turn to learn and to generate; ``options`` then holds the acceptable answers
+            (the first is that last turn's text) and ``label`` is 0.
     """
 
     prompt: str
@@ -39,10 +42,13 @@ class Example:
     text: str
     text_pair: str | None = None
     uid: str = ""
+    messages: tuple[dict[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, tuple):
             object.__setattr__(self, "options", tuple(self.options))
+        if not isinstance(self.messages, tuple):
+            object.__setattr__(self, "messages", tuple(self.messages))
         if self.options:
             if isinstance(self.label, bool) or not isinstance(self.label, int):
                 raise LabelOutOfRangeError(
@@ -62,6 +68,11 @@ class Example:
             raise ValueError("a regression example has no answer continuation")
         return self.options[int(self.label)]
 
+    @property
+    def context(self) -> list[dict[str, str]]:
+        """A generative example's conversation before its last (assistant) turn: the generation prompt."""
+        return list(self.messages[:-1])
+
 
 @dataclass
 class TaskData:
@@ -71,17 +82,21 @@ class TaskData:
         name: registry name, e.g. ``"rotten_tomatoes"``, ``"siqa"``, ``"glue:cola"``.
         kind: ``"multiple_choice"`` (options differ per example; scored by a causal LM),
             ``"classification"`` (a fixed label set ``label_names``: a causal LM scores the options, an
-            encoder predicts ``num_labels`` logits) or ``"regression"`` (encoder only).
+            encoder predicts ``num_labels`` logits), ``"regression"`` (encoder only) or ``"generative"``
+            (conversations: trained on the assistant turns, evaluated by generating the last one).
         train, validation, test: the splits; ``test`` is held out (never used for model selection).
-        metric: the headline metric: ``"accuracy"``, ``"mcc"``, ``"f1"`` or ``"pearson_spearman"``.
+        metric: the headline metric: ``"accuracy"``, ``"mcc"``, ``"f1"``, ``"pearson_spearman"`` or, for
+            generative tasks, ``"exact_match"``.
         num_labels: classes of an encoder head (1 for regression, the largest option count for
             multiple choice).
         label_names: class names of a classification task, in label order.
         answer_format: ``"letter"`` (options are ``" The answer is X."``), ``"text"`` (options are the
-            answer words themselves), or ``"none"`` for regression. Answer extraction from generated
-            text depends on it.
+            answer words themselves), or ``"none"`` for regression and generative tasks. Answer extraction
+            from generated text depends on it.
         option_letters: letter ``option_letters[i]`` names option ``i`` in ``"letter"`` format.
         description: where the data come from and how the splits were made.
+        answer_pattern: a generative task's regular expression reading the answer out of a generation
+            (its first group, or the whole match); ``None``: the whole generation is the answer.
     """
 
     name: str
@@ -96,6 +111,7 @@ class TaskData:
     option_letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     description: str = ""
     info: dict = field(default_factory=dict)
+    answer_pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:

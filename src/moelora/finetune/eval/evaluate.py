@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import ConfigError
+from ..data.chat import TrainOn
 from ..data.collate import EncoderCollator
 from ..data.example import Example, TaskData
 from ..errors import EvaluationError
@@ -46,6 +47,9 @@ class EvalResult:
         metrics: every metric computed (e.g. ``accuracy`` next to ``f1``, ``pearson`` and ``spearman``).
         scores: per example, the option scores (``loglik``) or class logits (``classifier``).
         generations: per example, the generated text (``generate``).
+        intervals: an interval per metric that has one (generative tasks: exact match, contains, token F1).
+        per_example: per example, the value of each further metric (generative tasks: ``contains``,
+            ``token_f1``), for paired comparisons; ``correct`` holds the headline's.
     """
 
     task: str
@@ -59,6 +63,8 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     scores: list[list[float]] | None = None
     generations: list[str] | None = None
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    per_example: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -66,7 +72,7 @@ class EvalResult:
 
     def summary(self) -> str:
         """E.g. ``"accuracy 78.2 % (95 % CI 75.5-80.7 %), n=1000, loglik"``."""
-        percent = self.metric == "accuracy"
+        percent = self.metric in ("accuracy", "exact_match")
         scale, unit = (100, " %") if percent else (1, "")
         text = f"{self.metric} {self.value * scale:.{1 if percent else 3}f}{unit}"
         if self.interval is not None:
@@ -83,21 +89,28 @@ class EvalResult:
             "confidence": None if self.interval is None else self.interval.confidence,
             "n": self.n, "metrics": dict(self.metrics),
         }
+        if self.intervals:
+            out["intervals"] = {k: [v.low, v.high] for k, v in self.intervals.items()}
         if per_example:
             out.update(predictions=list(self.predictions), labels=list(self.labels), correct=self.correct)
             if self.generations is not None:
                 out["generations"] = list(self.generations)
+            if self.per_example:
+                out["per_example"] = {k: list(v) for k, v in self.per_example.items()}
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         """The inverse of ``to_dict`` (per-example scores are not stored, so they come back as ``None``)."""
         interval = data.get("interval")
+        confidence = data.get("confidence") or 0.95
         return cls(
             task=data["task"], method=data["method"], metric=data["metric"], value=data["value"],
-            interval=None if interval is None else Interval(interval[0], interval[1], data.get("confidence") or 0.95),
+            interval=None if interval is None else Interval(interval[0], interval[1], confidence),
             predictions=list(data.get("predictions") or []), labels=list(data.get("labels") or []),
             correct=data.get("correct"), metrics=dict(data.get("metrics") or {}), generations=data.get("generations"),
+            intervals={k: Interval(v[0], v[1], confidence) for k, v in (data.get("intervals") or {}).items()},
+            per_example={k: list(v) for k, v in (data.get("per_example") or {}).items()},
         )
 
 
@@ -146,8 +159,13 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     desc: str | None = None,
+    chat_template: str | None = None,
+    train_on: str = "all",
 ) -> EvalResult:
     """Evaluate ``model`` on ``examples`` (default: the task's held-out test split).
+
+    A generative task (conversations) is evaluated by generation: ``generative.evaluate_generative``
+    (``method`` must then be ``None`` or ``"generate"``; ``chat_template`` and ``train_on`` go to it).
 
     Methods:
         ``"loglik"`` (default for causal LMs): the option with the highest log-likelihood
@@ -163,6 +181,16 @@ def evaluate(
     examples = list(task.test if examples is None else examples)
     if not examples:
         raise ConfigError(f"no examples to evaluate for task {task.name!r}")
+    if task.kind == "generative":
+        from .generative import evaluate_generative
+
+        if method not in (None, "generate"):
+            raise ConfigError(f"task {task.name!r} is generative: it is evaluated by generation (method='generate')")
+        return evaluate_generative(
+            model, tokenizer, task, examples, chat_template=chat_template, train_on=cast(TrainOn, train_on),
+            batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, confidence=confidence,
+            n_resamples=n_resamples, seed=seed, progress=progress, desc=desc,
+        )
     method = method or _default_method(model, task)
     if method not in EVAL_METHODS:
         raise ConfigError(f"method must be one of {EVAL_METHODS}, got {method!r}")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.collate import CausalLMCollator, pad_batch
+from ..data.collate import CausalLMCollator, pad_batch, pad_token_id
 from ..data.prompts import LETTERS, normalize_space
 
 logger = logging.getLogger(__name__)
@@ -35,29 +35,54 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (special tokens removed), batched with left padding.
 
+    Prompts are tokenized like a training prompt (the tokenizer's special prefix, then the text) and
+    truncated like a training sequence with a one-token answer would be. See ``generate_from_ids``.
+    """
+    collator = CausalLMCollator(tokenizer, max_length, padding_side="left")
+    encoded = [collator.join(ids, [0])[0] for ids in collator.tokenize(prompts)]
+    return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress, desc=desc)
+
+
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 10,
+    batch_size: int = 16,
+    stop_token_ids: Sequence[int] = (),
+    stop_text: str | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens.
+
     Left padding puts every prompt's last token in the last column, which is where generation
     continues; ``generate`` derives the position ids from the attention mask. Prompts are sorted by
-    length so a batch pads little; the outputs come back in the input order. Runs under
-    ``torch.no_grad()``; the caller puts the model in eval mode.
+    length so a batch pads little; the outputs come back in the input order. Generation stops at the
+    model's eos and at ``stop_token_ids`` (e.g. a chat template's end of turn); a text is cut at
+    ``stop_text`` (an end-of-turn marker that is not a single token). Runs under ``torch.no_grad()``; the
+    caller puts the model in eval mode.
     """
     from transformers import GenerationConfig
 
-    collator = CausalLMCollator(tokenizer, max_length, padding_side="left")
-    # Prompts are truncated like a training sequence with a one-token answer would be.
-    encoded = [collator.join(ids, [0])[0] for ids in collator.tokenize(prompts)]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad_id = pad_token_id(tokenizer)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    stops += [t for t in stop_token_ids if t not in stops]
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=collator.pad_id, eos_token_id=eos
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=stops or None
     )
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = next(model.parameters()).device
-    texts: list[str] = [""] * len(encoded)
+    texts: list[str] = [""] * len(prompts)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc=desc or "generating", disable=not progress, leave=False):
             indices = order[start : start + batch_size]
-            batch = pad_batch([encoded[i] for i in indices], collator.pad_id, padding_side="left")
+            batch = pad_batch([prompts[i] for i in indices], pad_id, padding_side="left")
             input_ids = batch["input_ids"].to(device)
             # nn.Module's stubs type attributes as Tensor | Module; generate is transformers' GenerationMixin method.
             generate = cast(Callable[..., torch.Tensor], model.generate)
@@ -66,7 +91,7 @@ def generate_texts(
             )
             new = out[:, input_ids.shape[1] :]
             for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                texts[i] = text
+                texts[i] = text.split(stop_text)[0] if stop_text else text
     return texts
 
 
