@@ -55,3 +55,14 @@ def test_hf_trainer_with_bf16_autocast(tmp_path):
 
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "adapter_model.safetensors")).values()} == {torch.float32}
     assert result["reload_matches"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chat_example_trains_with_transformers_trainer(tmp_path, packing):
+    """ChatCollator as Trainer's data_collator (padded and packed); Generator answers through the template."""
+    result = _load("chat_hf_trainer").main(out_dir=str(tmp_path / "chat"), steps=20, packing=packing)
+    losses = result["losses"]
+    assert len(losses) == 20 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, f"loss did not go down: {losses}"
+    assert isinstance(result["reply"], str) and "<|im_end|>" not in result["reply"]
+    assert moelora.read_adapter_config(tmp_path / "chat")[0].num_experts == 8

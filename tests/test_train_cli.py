@@ -155,7 +155,7 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path, args, message):
 def test_cli_missing_dataset_file_names_the_path(tmp_path, capsys):
     code = main(["train", str(SMOKE), "--no-progress", "--set", f"output_dir={tmp_path}/x",
                  "--set", "data.options.train_file=nowhere/data.jsonl"])
-    assert code == 1
+    assert code == 2
     assert "nowhere/data.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "x" / "checkpoints").exists()
 

@@ -1,8 +1,8 @@
 """``moelora`` command line: parse, build dataclasses, call the library.
 
 Errors the user can fix (``moelora.MoELoRAError``: configuration, data, adapter and training errors) are
-one line on stderr, exit 2 for configuration mistakes and 1 for the others; anything else is a bug and
-keeps its traceback.
+one line on stderr, exit 2 for mistakes in what was given (configuration and data) and 1 for the others;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything this tool loads is lo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ..errors import ConfigError, MoELoRAError
+from .data.errors import DataError
 from .errors import RunFolderError
 from .eval.evaluate import LMEvalMethod
 from .run_config import dump_config, format_keys, load_config
@@ -54,14 +55,45 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with a finished run's adapter")
+def _add_sampling(p) -> None:
     p.add_argument("run_dir")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--system", help="a system message before the conversation (chat template only)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder's own Python code run (never taken from the run folder)")
+
+
+ESCAPES_HELP = r"in the text, \n is a newline, \t a tab and \\ a backslash"
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text with a finished run's adapter (streamed)",
+        description="Answer PROMPT with a finished run's model. A run on a chat task (or with --chat) poses it as "
+                    f"a user turn through the chat template; other runs continue it as plain text; {ESCAPES_HELP} "
+                    "(--raw: verbatim).",
+    )
+    _add_sampling(p)
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="take the prompt verbatim (no escapes)")
+    template = p.add_mutually_exclusive_group()
+    template.add_argument("--chat", dest="chat", action="store_true", default=None,
+                          help="use the chat template even for a run on a non-chat task")
+    template.add_argument("--no-chat", dest="chat", action="store_false",
+                          help="plain completion even for a run on a chat task")
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat", help="talk to a finished run's model (interactive, multi-turn)",
+        description=f"One line per turn; {ESCAPES_HELP}. /reset clears the history, /exit or Ctrl-D leaves.",
+    )
+    _add_sampling(p)
 
 
 def _add_bench(sub) -> None:
@@ -82,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_chat(sub)
     _add_bench(sub)
     from ..reproduce.cli import add_parser as add_reproduce
 
@@ -146,6 +179,9 @@ def cmd_eval(args) -> int:
     config, runtime, model, _ = _load_run(args.run_dir, task=args.data, device=args.device,
                                           trust_remote_code=args.trust_remote_code)
     if args.method:
+        if runtime.generative and args.method != "generate":
+            raise ConfigError(f"{runtime.task.name} is a generative task: it is evaluated by generation "
+                              "(drop --method, or pass --method generate)")
         config.eval.method = args.method
     examples = runtime.task.split(args.split)[: args.max_examples]
     device = next(model.parameters()).device
@@ -155,22 +191,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    import torch
-
+def _generator(args, chat: bool | None):
+    """``(Generator, SamplingOptions, autocast context)`` for a finished run; ``chat`` None: the run decides."""
     from .base_models import is_encoder
+    from .data.chat import resolve_chat_template
     from .devices import autocast
+    from .generate import Generator, SamplingOptions
 
-    config, _, model, tokenizer = _load_run(args.run_dir, device=args.device,
-                                            trust_remote_code=args.trust_remote_code)
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)  # checked before the model loads
+    config, runtime, model, tokenizer = _load_run(args.run_dir, device=args.device,
+                                                  trust_remote_code=args.trust_remote_code)
     if is_encoder(config.model.name):
-        raise ConfigError("generate needs a causal language model; this run trained an encoder classifier")
+        raise ConfigError(f"{args.command} needs a causal language model; this run trained an encoder classifier")
+    use_template = runtime.generative if chat is None else chat
+    template = resolve_chat_template(tokenizer, config.data.chat_template) if use_template else None
+    if args.system and template is None:
+        raise ConfigError("--system needs the chat template: this run's task is not a chat task (add --chat)")
     device = next(model.parameters()).device
-    encoded = tokenizer(args.prompt, return_tensors="pt").to(device)
-    with torch.no_grad(), autocast(config.train.precision, device):
-        out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    print(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+    return Generator(model, tokenizer, template), options, autocast(config.train.precision, device)
+
+
+def cmd_generate(args) -> int:
+    from .generate import decode_escapes
+
+    generator, options, precision = _generator(args, args.chat)
+    prompt = args.prompt if args.raw else decode_escapes(args.prompt)
+    with precision:
+        if generator.template is None:
+            generator.complete(prompt, options, stream=sys.stdout)
+        else:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            generator.reply([*system, {"role": "user", "content": prompt}], options, stream=sys.stdout)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import chat_loop
+
+    generator, options, precision = _generator(args, chat=True)
+    print("moelora chat: one line per turn; /reset clears the history, /exit or Ctrl-D leaves.", file=sys.stderr)
+    with precision:
+        chat_loop(generator, options, system=args.system)
     return 0
 
 
@@ -191,8 +253,8 @@ def cmd_reproduce(args) -> int:
     return run_from_args(args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
-            "reproduce": cmd_reproduce}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
+            "bench": cmd_bench, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notices about optional CPU kernels
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         return _fail(str(err), 2)
     except MoELoRAError as err:
         return _fail(str(err), 1)

@@ -92,7 +92,7 @@ class DataConfig:
         subset_seed: seed of the ``max_train`` / ``max_eval`` subsets and of derived splits.
         options: keyword options of the task's loader (e.g. ``answer_format``).
         chat_template: generative tasks: empty for the tokenizer's own template, ``chatml`` for the fallback,
-            or Jinja template text.
+            a ``.jinja`` file, or Jinja template text.
         train_on: generative tasks: the loss is on ``all`` assistant turns or only the ``last``.
         packing: generative tasks: pack each micro-batch's conversations into rows of max_length tokens.
     """
@@ -195,10 +195,10 @@ class EvalConfig:
 
     Attributes:
         method: ``loglik`` scores each option's log-likelihood; ``generate`` extracts the answer from
-            greedy output (encoders always use their classification head).
+            greedy output (encoders always use their classification head; generative tasks always generate).
         batch_size: sequences per evaluation batch.
         zero_shot: evaluate the base model before training.
-        max_new_tokens: generated tokens per answer (``generate``).
+        max_new_tokens: generated tokens per answer (``generate`` and generative tasks).
     """
 
     method: LMEvalMethod = "loglik"

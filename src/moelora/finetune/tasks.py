@@ -66,7 +66,6 @@ class TaskRuntime:
         elif self.generative:
             self._collator = ChatCollator(tokenizer, data.max_length, chat_template=data.chat_template,
                                           train_on=data.train_on, packing=data.packing)
-            self._encode_train()
         else:
             # Right padding: position ids stay 0..n-1 for every row and the answer follows its prompt.
             self._collator = CausalLMCollator(tokenizer, self.config.data.max_length, padding_side="right")
@@ -79,9 +78,12 @@ class TaskRuntime:
                 raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
             head.requires_grad_(True)
 
-    def _encode_train(self) -> None:
-        """Render and label the training conversations once; those whose last answer cannot fit are left
-        out and counted (an error when none is left)."""
+    def _training_conversations(self) -> list[EncodedConversation]:
+        """The training conversations, rendered and labelled on first use; those whose last answer cannot
+        fit are left out of ``task.train`` and counted (an error when none is left)."""
+        if self._encoded is not None:
+            return self._encoded
+        assert self._collator is not None, "TaskRuntime.attach(model, tokenizer) first"
         kept, encoded = [], []
         for example in self.task.train:
             try:
@@ -97,20 +99,22 @@ class TaskRuntime:
             raise ConfigError(f"no training conversation of {self.task.name!r} fits data.max_length="
                               f"{self.config.data.max_length}: raise it")
         self.task.train, self._encoded = kept, encoded
+        return encoded
 
     # ------------------------------------------------------------------------------------ training data
     def train_lengths(self) -> list[int]:
         """Token lengths of the training sequences (characters for encoders), for length grouping."""
-        if self._encoded is not None:
-            return [len(e.input_ids) for e in self._encoded]
+        if self.generative:
+            return [len(e.input_ids) for e in self._training_conversations()]
         if self.encoder:
             return [len(ex.text) + len(ex.text_pair or "") for ex in self.task.train]
         return self._collator.token_lengths(self.task.train)
 
     def collate_train(self, indices: list[int]) -> dict[str, Any]:
         """``{"inputs": loss-module kwargs, "n_targets": loss terms, "n_tokens": real tokens}``."""
-        if self._encoded is not None:
-            encoded = [self._encoded[i] for i in indices]
+        if self.generative:
+            conversations = self._training_conversations()
+            encoded = [conversations[i] for i in indices]
             inputs = self._collator.collate(encoded)
             n_targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             return {"inputs": inputs, "n_targets": n_targets, "n_tokens": sum(len(e.input_ids) for e in encoded)}

@@ -15,6 +15,11 @@ Its correct answers are spread evenly over the three positions, so options keep 
 tasks, where the correct option is often listed first, options are permuted per item (seeded by the item
 text, so the permutation is fixed).
 
+With the option ``generative: true`` a task whose items have a text ``target`` (a string or a list of
+acceptable strings; e.g. the ``arithmetic`` subtasks, ``word_unscrambling``, ``object_counting``) is read
+as a generative chat task instead (``load_bigbench_generative``): the input as the user turn, the first
+target as the assistant's answer, scored by exact match, contains and token F1 against every target.
+
 Splits (none are given): items are hash-ordered (``splits.py``); the first half is the held-out test set,
 the next tenth validation, the rest train. For SIQA: 977 test, 195 validation, 782 train.
 """
@@ -149,6 +154,69 @@ def _permutation(key: str, n: int, split_seed: int) -> list[int]:
     return order
 
 
+def _split(keyed: list[tuple[str, Example]], test_fraction: float, validation_fraction: float, split_seed: int
+           ) -> tuple[list[Example], list[Example], list[Example]]:
+    """``(train, validation, test)``: items hash-ordered by key, then cut (see the module docstring)."""
+    ordered = [example for _, example in hash_order(keyed, lambda pair: pair[0], split_seed)]
+    n = len(ordered)
+    n_test = split_sizes(n, test_fraction)
+    n_val = min(split_sizes(n, validation_fraction), max(0, n - n_test - 1))
+    return ordered[n_test + n_val :], ordered[n_test : n_test + n_val], ordered[:n_test]
+
+
+def load_bigbench_generative(
+    task: str,
+    *,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+    system_prompt: str | None = None,
+    answer_pattern: str | None = None,
+    test_fraction: float = 0.5,
+    validation_fraction: float = 0.1,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    download: bool = True,
+) -> TaskData:
+    """A BIG-bench task with text targets as a generative (chat) task: each item is a user turn (the task
+    prefix, if any, then the input) and an assistant turn (the first target); every target counts as a
+    right answer. Items without a text ``target`` are skipped (and counted in the log)."""
+    from .chat_files import chat_example, generative_task
+
+    path = task_file(task, cache_dir, download=download)
+    doc, records = _read_task(path, task, cache_dir)
+    prefix = str(doc.get("task_prefix", "") or "")
+    skipped = 0
+
+    def parse(item: dict) -> tuple[str, Example] | None:
+        nonlocal skipped
+        if not isinstance(item, dict) or "input" not in item:
+            raise MalformedRowError("expected a JSON object with an 'input'")
+        target = item.get("target")
+        targets = [target] if isinstance(target, str) else target if isinstance(target, list) else []
+        targets = [str(t).strip() for t in targets if str(t).strip()]
+        if not targets:
+            skipped += 1
+            return None
+        question = (prefix + str(item["input"])).strip()
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": targets[0]}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return question + "\x1f" + "\x1f".join(targets), chat_example(messages, targets, uid=f"{task}:{question[:60]}")
+
+    keyed = parse_rows(path, records, parse)
+    if skipped:
+        logger.info("BIG-bench %s: skipped %d items without a text target", task, skipped)
+    if not keyed:
+        raise DataError(f"BIG-bench task {task!r} ({path}) has no items with a text target")
+    train, validation, test = _split(keyed, test_fraction, validation_fraction, split_seed)
+    data = generative_task(
+        name or f"bigbench:{task}", train, validation, test, answer_pattern=answer_pattern, split_seed=split_seed,
+        source=(f"BIG-bench {task} ({REQUIREMENT}), {len(keyed)} items with text targets as chat turns, hash-ordered "
+                f"with split seed {split_seed}: {len(test)} test, {len(validation)} validation, {len(train)} train"),
+    )
+    data.info.update(items=len(keyed), skipped=skipped, source=str(path))
+    return data
+
+
 def load_bigbench_task(
     task: str,
     *,
@@ -205,11 +273,8 @@ def load_bigbench_task(
         logger.info("BIG-bench %s: skipped %s", task, {k: v for k, v in skipped.items() if v})
     if not examples:
         raise DataError(f"BIG-bench task {task!r} ({path}) has no multiple-choice items (no target_scores)")
-    ordered = [example for _, example in hash_order(keyed, lambda pair: pair[0], split_seed)]
-    n = len(ordered)
-    n_test = split_sizes(n, test_fraction)
-    n_val = min(split_sizes(n, validation_fraction), max(0, n - n_test - 1))
-    test, validation, train = ordered[:n_test], ordered[n_test : n_test + n_val], ordered[n_test + n_val :]
+    n = len(keyed)
+    train, validation, test = _split(keyed, test_fraction, validation_fraction, split_seed)
     num_options = max(len(e.options) for e in examples)
     logger.info("BIG-bench %s: %d items -> train %d / validation %d / test %d", task, n, len(train), len(validation), len(test))
     return TaskData(
@@ -236,11 +301,22 @@ def _load_bigbench(
     cache_dir: str | Path | None = None,
     answer_format: str = "letter",
     shuffle_options: bool = True,
+    generative: bool = False,
+    system_prompt: str | None = None,
+    answer_pattern: str | None = None,
     test_fraction: float = 0.5,
     validation_fraction: float = 0.1,
     split_seed: int = DEFAULT_SPLIT_SEED,
     download: bool = True,
 ) -> TaskData:
+    if generative:
+        return load_bigbench_generative(
+            name.split(":", 1)[1], name=name, cache_dir=cache_dir, system_prompt=system_prompt,
+            answer_pattern=answer_pattern, test_fraction=test_fraction, validation_fraction=validation_fraction,
+            split_seed=split_seed, download=download,
+        )
+    if system_prompt is not None or answer_pattern is not None:
+        raise DataError("system_prompt and answer_pattern apply to generative BIG-bench tasks (generative: true)")
     return load_bigbench_task(
         name.split(":", 1)[1],
         name=name,

@@ -44,15 +44,22 @@ TrainOn = Literal["all", "last"]
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
     """The template a run renders with: ``chat_template`` when given (``"chatml"`` names the fallback
-    ``CHATML_TEMPLATE``; anything else is Jinja template text), else the tokenizer's own.
+    ``CHATML_TEMPLATE``, a name ending in ``.jinja`` a template file; anything else is Jinja template
+    text), else the tokenizer's own.
 
     Raises ``DataError`` when there is neither: a conversation is never rendered in an ad-hoc format.
     """
     if chat_template == "chatml":
         return CHATML_TEMPLATE
+    if chat_template and chat_template.endswith(".jinja"):
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.chat_template: no template file {path}")
+        return path.read_text(encoding="utf-8")
     if chat_template:
         if "{%" not in chat_template and "{{" not in chat_template:
-            raise DataError(f"data.chat_template must be 'chatml' or a Jinja chat template, got {chat_template!r}")
+            raise DataError(f"data.chat_template must be 'chatml', a .jinja file or a Jinja chat template, got "
+                            f"{chat_template!r}")
         return chat_template
     own = getattr(tokenizer, "chat_template", None)
     if not own:
