@@ -88,6 +88,8 @@ def test_wilson_interval():
     assert wilson_interval(78, 100, confidence=0.99).low < a.low
     with pytest.raises(ValueError):
         wilson_interval(5, 4)
+    for n in range(1, 200):  # the interval holds the estimate exactly at 0 and at n (a plot's error bars need it)
+        assert wilson_interval(0, n).low == 0.0 and wilson_interval(n, n).high == 1.0
 
 
 def test_paired_bootstrap_extremes_and_determinism():

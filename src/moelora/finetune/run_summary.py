@@ -151,7 +151,8 @@ def plot_run(run_dir: Path, metrics: list[dict], zero_shot: dict | None, final: 
     for step, result, label in points:
         if result:
             low, high = result["interval"]
-            ax.errorbar([step], [result["value"]], yerr=[[result["value"] - low], [high - result["value"]]],
+            below, above = max(0.0, result["value"] - low), max(0.0, high - result["value"])
+            ax.errorbar([step], [result["value"]], yerr=[[below], [above]],
                         fmt="s", capsize=4, label=label)
     ax.set(xlabel="optimizer step", ylabel=final.get("metric", "metric"), title="Held-out metric")
     ax.grid(alpha=0.3)

@@ -77,7 +77,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     scale = 1 + z * z / n
-    return Interval(max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale), confidence, "wilson")
+    # The bounds hold p exactly, also where rounding would put an end a hair past it (p = 0 or 1).
+    low, high = min(p, max(0.0, (centre - half) / scale)), max(p, min(1.0, (centre + half) / scale))
+    return Interval(low, high, confidence, "wilson")
 
 
 def _resample_indices(n: int, n_resamples: int, seed: int):
