@@ -63,6 +63,9 @@ class MoELoRAConfig:
             only the ``top_k`` selected experts per token (grouped GEMMs, float32 on CPU), ``"auto"``
             picks sparse where it runs and is cheaper (``E * r >= 64 * top_k``; see
             ``moelora.layers.sparse``).
+        modules_to_save: other modules to train and to store in the adapter file beside the experts (a
+            new classification head, an embedding), matched as a list ``target_modules`` is. They stay
+            where they are in the model (trained in place) and ``load_adapter`` restores them.
     """
 
     num_experts: int = 20
@@ -77,6 +80,7 @@ class MoELoRAConfig:
     exclude_modules: list[str] = field(default_factory=list)
     track_router_stats: bool = True
     expert_compute: ExpertCompute = "auto"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_int_range("num_experts", self.num_experts, 1)
@@ -105,6 +109,7 @@ class MoELoRAConfig:
             raise ConfigError(f"router_init_std must be a number > 0, got {self.router_init_std!r}")
         self.target_modules = _normalise_targets("target_modules", self.target_modules, allow_regex=True)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules, allow_empty=True)
+        self.modules_to_save = _normalise_targets("modules_to_save", self.modules_to_save, allow_empty=True)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
         self.gate_backward_power = float(self.gate_backward_power)
@@ -113,6 +118,10 @@ class MoELoRAConfig:
     def scaling(self) -> float:
         """The LoRA output scale ``alpha / rank``."""
         return self.alpha / self.rank
+
+    def saves(self, name: str) -> bool:
+        """Whether the module called ``name`` is one of ``modules_to_save``."""
+        return _name_matches(name, self.modules_to_save)
 
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` (its full dotted name) is a target."""

@@ -67,15 +67,50 @@ def find_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     return targets
 
 
+def find_modules_to_save(model: nn.Module, config: MoELoRAConfig) -> list[str]:
+    """The names of the modules ``config.modules_to_save`` selects (the outermost match of each);
+    ``ConfigError`` for an entry that matches nothing or a module that is also a target."""
+    names: list[str] = []
+    for name, _ in model.named_modules():
+        if name and config.saves(name) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    for entry in config.modules_to_save:
+        if not any(n == entry or n.endswith("." + entry) for n in names):
+            children = [n for n, _ in model.named_children()]
+            raise ConfigError(f"modules_to_save entry {entry!r} matches no module; the model's top-level modules "
+                              f"are {children}")
+    clash = [n for n in names if config.matches(n)]
+    if clash:
+        raise ConfigError(f"{clash[0]!r} is both a target module and in modules_to_save: choose one")
+    return names
+
+
+class _SaveGuard:
+    """Stands in for a wrapped transformers model's ``save_pretrained``: the checkpoint it would write
+    reloads with the adapted projections silently re-initialised, so it refuses and says what to use.
+    (A module-level class, so that a guarded model still pickles and deep-copies.)"""
+
+    def __call__(self, *args, **kwargs):
+        from .errors import AdapterError
+
+        raise AdapterError(
+            "save_pretrained on a model wrapped by moelora writes a checkpoint that transformers reloads with "
+            "the adapted modules re-initialised: save the adapter with moelora.save_adapter(model, folder) "
+            "(in transformers.Trainer: moelora.integrations.transformers.MoELoRATrainer, which checkpoints "
+            "adapters only), or moelora.unwrap(model) first to save the base model"
+        )
+
+
 def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the target linear modules of ``model`` by ``MoELoRALinear`` layers, in place.
 
-    Every other parameter is frozen. Adapters are created in float32 (float64 beside a float64 base)
-    unless ``adapter_dtype`` is given. Returns ``model``.
+    Every other parameter is frozen, except those of ``config.modules_to_save``. Adapters are created
+    in float32 (float64 beside a float64 base) unless ``adapter_dtype`` is given. A transformers model's
+    ``save_pretrained`` refuses while it is wrapped (use ``moelora.save_adapter``). Returns ``model``.
 
     Raises:
         ConfigError: nothing matched ``config.target_modules`` (the message lists linear modules that
-            exist).
+            exist), or a ``modules_to_save`` entry matched nothing.
         ValueError: the model is already wrapped.
     """
     if not isinstance(config, MoELoRAConfig):
@@ -83,8 +118,11 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
     if any(True for _ in moelora_layers(model)):
         raise ValueError("model already has MoE-LoRA layers; call moelora.unwrap(model) first")
     targets = find_targets(model, config)
+    saved = find_modules_to_save(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
     for name in targets:
         base = model.get_submodule(name)
         layer = MoELoRALinear(
@@ -104,6 +142,8 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
         layer.train(base.training)  # follow the replaced module: an eval-mode model stays in eval mode
         _set_submodule(model, name, layer)
     setattr(model, CONFIG_ATTR, config)
+    if callable(getattr(model, "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", _SaveGuard())  # an instance attribute: unwrap removes it
     setattr(model, _DDP_IGNORE_ATTR, [f"{n}.{b}" for n, _ in moelora_layers(model) for b in _STAT_BUFFERS])
     logger.info("wrapped %d modules: %s", len(targets), summary(model))
     return model
@@ -112,13 +152,16 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
 def unwrap(model: nn.Module) -> nn.Module:
     """Put back the original modules of every ``MoELoRALinear`` (the adapters are dropped), in place.
 
-    The base modules' ``requires_grad`` flags stay as ``wrap`` left them (frozen).
+    The base modules' ``requires_grad`` flags stay as ``wrap`` left them (frozen); ``modules_to_save``
+    keep their trained values. ``save_pretrained`` works again.
     """
     for name, layer in list(moelora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     for attr in (CONFIG_ATTR, _DDP_IGNORE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    if isinstance(model.__dict__.get("save_pretrained"), _SaveGuard):
+        del model.save_pretrained
     return model
 
 

@@ -196,10 +196,13 @@ TRAINABLE_NAME = "trainable.safetensors"
 
 
 def other_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters outside the MoE-LoRA layers (e.g. a new classification head)."""
-    from ..inject import moelora_layers
+    """Trainable parameters that the adapter file does not hold (neither experts, routers nor
+    ``modules_to_save``): whatever else a caller unfroze."""
+    from ..adapter import _adapter_parameters, _saved_parameters
+    from ..inject import CONFIG_ATTR
 
-    adapter_ids = {id(p) for _, layer in moelora_layers(model) for p in (layer.lora_A, layer.lora_B, layer.router.weight)}
+    saved = {*_adapter_parameters(model).values(), *_saved_parameters(model, getattr(model, CONFIG_ATTR)).values()}
+    adapter_ids = {id(p) for p in saved}
     return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
 
 

@@ -165,9 +165,9 @@ def _load_run(run_dir: str, task: str | None = None, device: str | None = None, 
     check_precision(config.train.precision, target)
     runtime = TaskRuntime.load(config)
     model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels, device=target)
-    load_adapter(model, folder / "adapter")
+    load_adapter(model, folder / "adapter")  # with an encoder's trained head (modules_to_save)
     checkpoints = list_checkpoints(folder / "checkpoints")
-    if checkpoints:  # a trained classification head lives beside the adapter in the last checkpoint
+    if checkpoints:  # anything else a run trained lives beside the adapter in the last checkpoint
         load_other_trainable(model, checkpoints[-1][1])
     runtime.attach(model, tokenizer)
     return config, runtime, model.eval(), tokenizer

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
+from ..adapter import folder_fingerprint
 from .data import TaskData
 from .run_config import RunConfig
 
 NOT_IDENTITY = ("output_dir", "train.save_every", "train.keep_checkpoints", "train.steps", "model.trust_remote_code")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -44,16 +43,9 @@ def data_fingerprint(task: TaskData) -> str:
 
 
 def model_fingerprint(name: str) -> str | None:
-    """For a local model folder: SHA-256 of its ``config.json`` and of its weight files' names and sizes
-    (cheap, and any re-download or conversion shows); None for a bundled model (its name says it all)."""
-    folder = Path(name).expanduser()
-    if not (folder / "config.json").is_file():
-        return None
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.iterdir()):
-        if path.suffix in _WEIGHT_SUFFIXES:
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()
+    """``moelora.adapter.folder_fingerprint`` of a local model folder; None for a bundled model (its name
+    says it all)."""
+    return folder_fingerprint(name)
 
 
 def run_identity(config: RunConfig, task: TaskData) -> dict[str, Any]:

@@ -70,13 +70,14 @@ class TaskRuntime:
             # Right padding: position ids stay 0..n-1 for every row and the answer follows its prompt.
             self._collator = CausalLMCollator(tokenizer, self.config.data.max_length, padding_side="right")
 
-    def after_wrap(self, model: nn.Module) -> None:
-        """An encoder's new classification head trains with the adapters."""
-        if self.encoder:
-            head = getattr(model, "classifier", None) or getattr(model, "score", None)
-            if head is None:
-                raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
-            head.requires_grad_(True)
+    def modules_to_save(self, model: nn.Module) -> list[str]:
+        """What trains beside the experts: an encoder's new classification head (saved in the adapter)."""
+        if not self.encoder:
+            return []
+        for name in ("classifier", "score"):
+            if isinstance(getattr(model, name, None), nn.Module):
+                return [name]
+        raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
 
     def _training_conversations(self) -> list[EncodedConversation]:
         """The training conversations, rendered and labelled on first use; those whose last answer cannot

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..adapter import load_adapter_weights, save_adapter
+from ..adapter import load_adapter_weights, record_training, save_adapter
 from ..atomic import atomic_dir, replace_dir, write_text_atomic
 from ..diagnostics import router_stats
 from ..errors import MoELoRAError
@@ -271,8 +271,9 @@ class Trainer:
             prepare_for_kbit_training(model, cfg.model.gradient_checkpointing)
         self.zero_shot = self._zero_shot()
 
-        wrap(model, dataclasses.replace(cfg.adapter))  # the adapters are created on the base's device
-        runtime.after_wrap(model)
+        # The adapters are created on the base's device; an encoder's new head trains and is saved with them.
+        extra = [m for m in runtime.modules_to_save(model) if m not in cfg.adapter.modules_to_save]
+        wrap(model, dataclasses.replace(cfg.adapter, modules_to_save=[*cfg.adapter.modules_to_save, *extra]))
         if cfg.model.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -487,7 +488,7 @@ class Trainer:
         summary: dict[str, Any] = {}
         self._save_checkpoint(steps)
         if self.ctx.is_main or self.sharded:  # sharded experts are gathered by every process, written by one
-            save_adapter(self.model, self.run_dir / "adapter")
+            save_adapter(self.model, self.run_dir / "adapter", training=self._training_record())
         if self._evaluates:
             validation = self._validate(steps) if self.config.train.eval_every else None
             if test:
@@ -499,6 +500,7 @@ class Trainer:
         if self.ctx.is_main:
             reported = final or validation
             if reported is not None:
+                record_training(self.run_dir / "adapter", self._training_record(reported))
                 from .run_summary import write_report
 
                 summary = write_report(
@@ -512,6 +514,22 @@ class Trainer:
             final_train_loss=self._last_loss, zero_shot=self.zero_shot, validation=validation, test=final,
             summary=summary,
         )
+
+    def _training_record(self, result: EvalResult | None = None) -> dict[str, Any]:
+        """What the adapter's model card says about its training (and its held-out result, when known)."""
+        cfg, task = self.config, self.runtime.task if self.runtime else None
+        record: dict[str, Any] = {
+            "data": f"{cfg.data.task}" + (f" ({task.description})" if task and task.description else ""),
+            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+            "optimizer": f"{cfg.optim.name}, preconditioner {cfg.optim.preconditioner}, lr {cfg.optim.lr:g}",
+            "precision": cfg.train.precision,
+        }
+        if result is not None:
+            record["metrics"] = {f"{result.metric} (held-out, n={result.n})": result.value,
+                                 **{k: v for k, v in result.metrics.items() if k != result.metric}}
+            if self.zero_shot is not None:
+                record["metrics"][f"{self.zero_shot.metric} zero-shot"] = self.zero_shot.value
+        return record
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, step: int) -> None:
