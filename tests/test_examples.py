@@ -66,3 +66,15 @@ def test_chat_example_trains_with_transformers_trainer(tmp_path, packing):
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, f"loss did not go down: {losses}"
     assert isinstance(result["reply"], str) and "<|im_end|>" not in result["reply"]
     assert moelora.read_adapter_config(tmp_path / "chat")[0].num_experts == 8
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trl_sft_example(tmp_path, bf16):
+    """TRL's SFTTrainer with MoELoRATrainerMixin, fp32 and bf16 autocast: adapter-only checkpoints."""
+    result = _load("trl_sft").main(out_dir=str(tmp_path / "sft"), steps=12, bf16=bf16)
+    losses = result["losses"]
+    assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, f"loss did not go down: {losses}"
+    checkpoint = tmp_path / "sft" / "checkpoint-6"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert moelora.read_adapter_config(result["adapter_dir"])[0].num_experts == 8

@@ -134,7 +134,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     randomise_adapters(model)
     expected = model(IDS).logits
     moelora.save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                          "adapter_model.safetensors"]
     meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert meta["config"]["gate_backward_power"] == 0.5
     assert meta["base_model"]["class_name"] == "LlamaForCausalLM"
@@ -165,6 +166,9 @@ def test_load_errors_on_missing_or_foreign_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         moelora.load_adapter(tiny_llama(), tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ValueError, match="holds a PEFT adapter .* not a moelora one"):
+        moelora.load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="not a moelora adapter"):
         moelora.load_adapter(tiny_llama(), tmp_path)
 
@@ -174,7 +178,7 @@ def test_save_leaves_no_temporary_files(tmp_path):
     moelora.wrap(model, config())
     moelora.save_adapter(model, tmp_path)
     moelora.save_adapter(model, tmp_path)  # overwriting is atomic too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
     for path in tmp_path.iterdir():  # ordinary permissions, not the temporary file's private ones

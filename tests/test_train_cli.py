@@ -42,7 +42,7 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path, capsys):
     assert {"config.yaml", "metrics.jsonl", "summary.json", "summary.md", "loss.png", "accuracy.png",
             "expert_load.png", "adapter", "checkpoints", "eval_zero_shot.json"} <= names
     assert not [n for n in names if n.startswith(".")]  # no temporary leftovers
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in e for e in events)
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4, 5, 6]

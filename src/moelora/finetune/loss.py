@@ -141,9 +141,11 @@ class CausalLMAnswerLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         # No attention_mask: a packed batch, whose sequences the model separates by where position_ids restart.
+        if labels is None:
+            raise ValueError("CausalLMAnswerLoss needs labels")
         batch = {"input_ids": input_ids, "labels": labels}
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
