@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # that the working ones need.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo lint test test-slow test-quant-libs bench clean
+.PHONY: install demo lint test test-slow test-quant-libs test-ecosystem bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,21 @@ $(QUANT_VENV)/.installed: pyproject.toml Makefile
 test-quant-libs: $(QUANT_VENV)/.installed
 	$(QUANT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_quantized_bases.py
 
+# wandb, MLflow, trackio and lm-evaluation-harness bring many packages: their tests run in an environment
+# of their own, where every package is installed (a missing one fails the tests, it is never skipped).
+ECO_VENV := .venv-eco
+ECO_LIBS := wandb==0.31.0 mlflow-skinny==3.17.2 trackio==0.43.0 lm-eval==0.4.13
+
+$(ECO_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(ECO_VENV)
+	$(ECO_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 transformers==5.23.0 \
+		accelerate==1.15.0 tensorboard==2.21.0 $(ECO_LIBS) pytest -e ".[train]"
+	touch $@
+
+test-ecosystem: $(ECO_VENV)/.installed
+	WANDB_MODE=offline HF_DATASETS_OFFLINE=1 $(ECO_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-m ecosystem tests/test_ecosystem.py
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
@@ -59,4 +74,4 @@ bench: install
 	$(BIN)/moelora bench --quick --json docs/bench.json
 
 clean:
-	rm -rf $(VENV) $(QUANT_VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(QUANT_VENV) $(ECO_VENV) build src/*.egg-info .pytest_cache

@@ -186,3 +186,25 @@ def test_an_encoder_runs_head_is_in_its_adapter(tmp_path, monkeypatch):
     assert not torch.equal(model.classifier.weight, trained)
     moelora.load_adapter(model, tmp_path / "run" / "adapter")
     assert torch.equal(model.classifier.weight, trained)
+
+
+def test_the_layer_follows_torchtunes_adapter_protocol():
+    """torchtune's get_adapter_params collects, from every module with a callable ``adapter_params()``, the
+    named parameters it lists; restated here (torchtune is not installed) and run on a wrapped model."""
+    def get_adapter_params(model):
+        found = {}
+        for prefix, module in model.named_modules():
+            if callable(getattr(module, "adapter_params", None)):
+                wanted = list(module.adapter_params())
+                for name, param in module.named_parameters(recurse=True):
+                    if name in wanted:
+                        found[f"{prefix}.{name}" if prefix else name] = param
+                        wanted.remove(name)
+                assert wanted == [], f"{prefix}: {wanted} not found"
+        return found
+
+    model = moelora.wrap(tiny_lm(), CONFIG)
+    found = get_adapter_params(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert found.keys() == trainable.keys() and len(found) == 3 * len(list(moelora.moelora_layers(model)))
+    assert all(found[n] is trainable[n] for n in found)

@@ -49,6 +49,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--method", choices=get_args(LMEvalMethod), help="default: the run's eval.method")
     p.add_argument("--max-examples", type=int)
+    p.add_argument("--harness", metavar="TASK[,TASK]",
+                   help="evaluate on lm-evaluation-harness tasks instead (needs pip install lm-eval)")
+    p.add_argument("--harness-include", metavar="FOLDER", help="a folder of your own lm-eval task YAML files")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder's own Python code run (never taken from the run folder)")
@@ -176,6 +179,10 @@ def _load_run(run_dir: str, task: str | None = None, device: str | None = None, 
 def cmd_eval(args) -> int:
     from .devices import autocast
 
+    if args.harness_include and not args.harness:
+        raise ConfigError("--harness-include goes with --harness TASK[,TASK]")
+    if args.harness:
+        return _eval_harness(args)
     config, runtime, model, _ = _load_run(args.run_dir, task=args.data, device=args.device,
                                           trust_remote_code=args.trust_remote_code)
     if args.method:
@@ -188,6 +195,20 @@ def cmd_eval(args) -> int:
     with autocast(config.train.precision, device):  # evaluate as the run trained
         result = runtime.evaluate(examples, progress=not args.no_progress, label=args.split)
     print(json.dumps(result.to_dict(per_example=False), indent=2))
+    return 0
+
+
+def _eval_harness(args) -> int:
+    from .devices import autocast
+    from .harness import check_harness, evaluate_harness
+
+    check_harness()
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    config, _, model, tokenizer = _load_run(args.run_dir, device=args.device, trust_remote_code=args.trust_remote_code)
+    with autocast(config.train.precision, next(model.parameters()).device):
+        results = evaluate_harness(model, tokenizer, tasks, include_path=args.harness_include,
+                                   batch_size=config.eval.batch_size, limit=args.max_examples, seed=config.train.seed)
+    print(json.dumps(results, indent=2, default=str))
     return 0
 
 

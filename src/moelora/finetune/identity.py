@@ -2,7 +2,8 @@
 
 The identity is the resolved configuration without the keys that only say where and how often to save
 (``output_dir``, ``train.save_every``, ``train.keep_checkpoints``, ``train.steps``, which has its own
-rule), and without ``model.trust_remote_code`` (a permission, not a setting), plus fingerprints of the
+rule), without where the events are reported (``train.report_to``, ``train.tracker_project``) and
+without ``model.trust_remote_code`` (a permission, not a setting), plus fingerprints of the
 data as loaded (every example of every split: any change of a data file or a data option shows) and of a
 local model folder (its ``config.json`` and the names and sizes of its weight files).
 """
@@ -18,7 +19,8 @@ from ..adapter import folder_fingerprint
 from .data import TaskData
 from .run_config import RunConfig
 
-NOT_IDENTITY = ("output_dir", "train.save_every", "train.keep_checkpoints", "train.steps", "model.trust_remote_code")
+NOT_IDENTITY = ("output_dir", "train.save_every", "train.keep_checkpoints", "train.steps", "model.trust_remote_code",
+                "train.report_to", "train.tracker_project")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -171,6 +171,9 @@ class TrainConfig:
             state (``fp16`` with a gradient scaler, GPU only); the base keeps ``model.dtype``.
         distributed: under torchrun, ``ddp`` replicates the model on every process; ``fsdp`` shards it
             (FSDP2: the frozen base and the experts, whole experts per process), for bases too big for one GPU.
+        report_to: experiment trackers that receive the run's events: any of ``tensorboard``, ``wandb``,
+            ``mlflow``, ``trackio`` (none by default; files under the run folder).
+        tracker_project: the trackers' project (wandb, trackio) or experiment (mlflow).
     """
 
     steps: int = 80
@@ -187,6 +190,8 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = "fp32"
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    report_to: list[str] = field(default_factory=list)
+    tracker_project: str = "moelora"
 
 
 @dataclass
@@ -427,6 +432,9 @@ def validate(config: RunConfig) -> None:
                 f"remove optim.{f.name} (or set optim.name={only})"
             )
     check_device_name(config.train.device)
+    from .trackers import check_trackers
+
+    check_trackers(config.train.report_to)
     require_bitsandbytes(config.model.quantization)
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(config.train, name) < 1:

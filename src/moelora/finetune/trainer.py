@@ -60,6 +60,7 @@ from .quantization import prepare_for_kbit_training
 from .run_config import RunConfig, dump_config
 from .schedule import build_scheduler
 from .tasks import TaskRuntime
+from .trackers import Trackers
 
 __all__ = ["TrainResult", "Trainer", "TrainerCallback", "TrainingError"]
 
@@ -212,6 +213,7 @@ class Trainer:
         self._window = _LossWindow()
         self._identity: dict[str, Any] = {}
         self._last_loss = float("nan")
+        self._trackers: Trackers | None = None  # train.report_to, on the main process
 
     # ------------------------------------------------------------------------------------- the whole run
     def run(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -224,7 +226,10 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Leave the process group that ``setup`` joined (a no-op for a single process)."""
+        """Close the trackers; leave the process group that ``setup`` joined (a no-op for a single process)."""
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
         if self._distributed:
             shutdown_distributed(self.ctx)
             self._distributed = False
@@ -260,6 +265,8 @@ class Trainer:
             if resume_from is not None:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", int(saved["metrics_lines"]))
             self._write("config.yaml", dump_config(cfg))
+            if tcfg.report_to:
+                self._trackers = Trackers(tcfg.report_to, self.run_dir, tcfg.tracker_project, cfg.to_dict())
         torch.manual_seed(tcfg.seed)
 
         model: Any
@@ -623,6 +630,8 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:
             _append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if self._trackers is not None:
+                self._trackers.log(record, self.model)
             for callback in self.callbacks:
                 callback.on_log(self, record)
 

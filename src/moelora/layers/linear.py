@@ -367,6 +367,11 @@ class MoELoRALinear(nn.Module):
         self.gate_sq_sum.zero_()
         self.gate_token_count.zero_()
 
+    def adapter_params(self) -> list[str]:
+        """The names (below this module) of the trained parameters: the experts and the router. This is
+        torchtune's adapter protocol, so its ``get_adapter_params`` / ``set_trainable_params`` find them."""
+        return ["lora_A", "lora_B", "router.weight"]
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
