@@ -12,6 +12,7 @@ from .adapter import adapter_state_dict, load_adapter, load_adapter_weights, rea
 from .config import MoELoRAConfig
 from .diagnostics import router_stats
 from .errors import AdapterError, ConfigError, MoELoRAError
+from .hub import disable_adapter, from_pretrained, push_to_hub
 from .inject import moelora_layers, print_trainable_parameters, summary, unwrap, wrap
 from .layers import MoELoRALinear
 
@@ -24,10 +25,13 @@ __all__ = [
     "MoELoRAError",
     "MoELoRALinear",
     "adapter_state_dict",
+    "disable_adapter",
+    "from_pretrained",
     "load_adapter",
     "load_adapter_weights",
     "moelora_layers",
     "print_trainable_parameters",
+    "push_to_hub",
     "read_adapter_config",
     "router_stats",
     "save_adapter",

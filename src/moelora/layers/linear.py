@@ -194,6 +194,7 @@ class MoELoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         self.gate_backward_power = float(gate_backward_power)
         self.track_router_stats = track_router_stats
+        self.adapter_enabled = True  # False: the base module alone (moelora.disable_adapter)
         # Whether the optimizer sums the gate statistics over the default process group (DDP replicas);
         # None: not said (an error for gate_rescaled in a multi-process job). Set by share_gate_statistics.
         self.share_gate_stats: bool | None = None
@@ -274,6 +275,8 @@ class MoELoRALinear(nn.Module):
         return reason is None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base_layer(x, *args, **kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
         keep = None
