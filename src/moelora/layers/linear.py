@@ -22,6 +22,7 @@ from torch import nn
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
 from .dropout import keep_mask, keep_probability, mask_values
+from .inference import SPARSE_GATHER_TOKENS, inference_forward, sparse_inference_forward
 from .projection import InputProjection
 from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
@@ -195,6 +196,10 @@ class MoELoRALinear(nn.Module):
         self.gate_backward_power = float(gate_backward_power)
         self.track_router_stats = track_router_stats
         self.adapter_enabled = True  # False: the base module alone (moelora.disable_adapter)
+        # Eval mode without gradients takes the inference path (moelora.layers.inference); False: always the
+        # training path (for comparisons). Its (key, W_cat, B_cat^T) cache is rebuilt when stale.
+        self.inference_path = True
+        self._inference_cache: tuple | None = None
         # Whether the optimizer sums the gate statistics over the default process group (DDP replicas);
         # None: not said (an error for gate_rescaled in a multi-process job). Set by share_gate_statistics.
         self.share_gate_stats: bool | None = None
@@ -233,9 +238,20 @@ class MoELoRALinear(nn.Module):
             self.lora_B.zero_()
         init_router_(self.router.weight, router_init, router_init_std)
 
+    def train(self, mode: bool = True) -> MoELoRALinear:
+        self.clear_inference_cache()  # a mode change drops the inference path's derived weights
+        return super().train(mode)
+
+    def clear_inference_cache(self) -> None:
+        """Drop the inference path's fused weights (rebuilt on the next eval-mode forward)."""
+        self._inference_cache = None
+
     def __setstate__(self, state: dict) -> None:
         # Unpickling and copy.deepcopy build the layer without __init__: register the new one too.
         super().__setstate__(state)
+        self.__dict__.setdefault("adapter_enabled", True)  # layers pickled before these attributes existed
+        self.__dict__.setdefault("_inference_cache", None)
+        self.__dict__.setdefault("inference_path", True)
         _LIVE_LAYERS.add(self)
 
     # ---------------------------------------------------------------------------------------- compute
@@ -279,6 +295,11 @@ class MoELoRALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
+        if self.inference_path and not self.training and not torch.is_grad_enabled():  # eval, no_grad: generation
+            if not self.uses_sparse(tokens):
+                return inference_forward(self, x, args, kwargs, autocast_dtype(tokens.device.type))
+            if tokens.shape[0] <= SPARSE_GATHER_TOKENS:
+                return sparse_inference_forward(self, x, args, kwargs)
         keep = None
         scaling = self.scaling
         if self.training and self.dropout > 0:
