@@ -27,6 +27,9 @@ TARGETS = {
     "train.memory.ratio_vs_peft_lora": ("<=", 1.1),
     "precision.bf16.cost_vs_peft_lora": ("<=", 1.1),
     "precision.nf4.cost_vs_peft_lora": ("<=", 1.1),
+    "generate.decode_b1.cost_vs_peft_lora": ("<=", 1.15),
+    "generate.decode_b1.cost_vs_base": ("<=", 1.3),
+    "generate.decode_b8.cost_vs_peft_lora": ("<=", 1.1),
 }
 
 
@@ -53,14 +56,14 @@ def _lookup(results: dict, dotted: str):
 def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[str] | None = None,
                    device: str = "cpu") -> dict:
     """Run the comparisons (``only`` picks some of: layer, layer_dropout, layer_sparse, optimizer, train,
-    precision) and print a table. ``device="cuda"`` runs the GPU check instead (``moelora.bench.gpu_check``)."""
+    precision, generate) and print a table. ``device="cuda"`` runs the GPU check instead (``moelora.bench.gpu_check``)."""
     if device != "cpu":
         if not device.startswith("cuda"):
             raise ConfigError(f"moelora bench --device takes cpu or cuda, got {device!r}")
         from . import gpu_check
 
         return gpu_check.run(quick=quick, json_out=json_out)
-    from . import layer_bench, optim_bench, precision_bench, train_bench
+    from . import generate_bench, layer_bench, optim_bench, precision_bench, train_bench
 
     suites = {
         "layer": lambda: layer_bench.run(quick=quick),
@@ -69,6 +72,7 @@ def run_benchmarks(quick: bool = False, json_out: str | None = None, only: list[
         "optimizer": lambda: optim_bench.run(quick=quick),
         "train": lambda: train_bench.run(quick=quick),
         "precision": lambda: precision_bench.run(quick=quick),
+        "generate": lambda: generate_bench.run(quick=quick),
     }
     unknown = sorted(set(only or []) - set(suites))
     if unknown:

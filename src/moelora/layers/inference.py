@@ -24,32 +24,34 @@ near-tied experts must not depend on the precision), so the router is a GEMM of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .linear import MoELoRALinear
 
 
-def _key(layer: MoELoRALinear, dtype: torch.dtype, device: torch.device) -> tuple:
-    params = (layer.lora_A, layer.lora_B, layer.router.weight)
-    return (dtype, device, *(p._version for p in params), *(p.data_ptr() for p in params))
-
-
 def fused_weights(layer: MoELoRALinear, dtype: torch.dtype, with_router: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_cat, B_cat^T)`` in ``dtype`` (``W_cat`` without the router rows when ``with_router`` is False),
     from the cache when the parameters have not changed since they were built."""
-    key = (*_key(layer, dtype, layer.lora_A.device), with_router)
+    # Direct dictionary reads: this runs once per layer and decoded token, where nn.Module's attribute
+    # lookup is a measurable share of the time.
+    a, b = layer._parameters["lora_A"], layer._parameters["lora_B"]
+    router = layer._modules["router"]._parameters["weight"]  # type: ignore[union-attr]
+    assert a is not None and b is not None and router is not None
+    key = (dtype, with_router, a._version, b._version, router._version, a.data_ptr(), b.data_ptr(),
+           router.data_ptr(), a.device)
     cached = layer._inference_cache
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    E, r, d_in = layer.lora_A.shape
+    E, r, d_in = a.shape
     with torch.no_grad():
-        a_flat = layer.lora_A.detach().reshape(E * r, d_in)
-        parts = [layer.router.weight.detach(), a_flat] if with_router else [a_flat]
+        a_flat = a.detach().reshape(E * r, d_in)
+        parts = [router.detach(), a_flat] if with_router else [a_flat]
         w_cat = torch.cat(parts).to(dtype).contiguous()
-        b_cat_t = layer.lora_B.detach().transpose(1, 2).reshape(E * r, layer.out_features).to(dtype).contiguous()
+        b_cat_t = b.detach().transpose(1, 2).reshape(E * r, b.shape[1]).to(dtype).contiguous()
     layer._inference_cache = (key, w_cat, b_cat_t)
     return w_cat, b_cat_t
 
@@ -59,10 +61,9 @@ def fused_weights(layer: MoELoRALinear, dtype: torch.dtype, with_router: bool) -
 SPARSE_GATHER_TOKENS = 64
 
 
-def _owns_output(layer: MoELoRALinear) -> bool:
-    """Whether the base module's output is a fresh tensor that may be added into in place (a plain
-    ``nn.Linear``, whose ``F.linear`` always allocates one)."""
-    base = layer.base_layer
+def _plain_linear(base: torch.nn.Module) -> bool:
+    """A plain ``nn.Linear`` (no subclass, hook or patched ``forward``): ``F.linear`` computes exactly its
+    forward, into a fresh tensor that may be added into in place."""
     return (type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and "forward" not in base.__dict__)
 
@@ -71,29 +72,36 @@ def inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs
                       compute: torch.dtype | None) -> torch.Tensor:
     """``base(x) + s * sum_i g_i(x) B_i A_i x`` for ``x`` ``(..., d_in)`` without autograd (see the module
     docstring); ``compute`` is the autocast dtype, if any."""
-    lead = x.shape[:-1]
-    result = layer.base_layer(x, *args, **kwargs).reshape(-1, layer.out_features)
-    E, k = layer.num_experts, layer.top_k
-    adapter_dtype = layer.lora_A.dtype
-    dtype = compute or adapter_dtype
-    tokens = x.reshape(-1, layer.in_features)
-    with torch.autocast(x.device.type, enabled=False) if compute is not None else _nullcontext():
-        w_cat, b_cat_t = fused_weights(layer, dtype, with_router=compute is None)
-        adapter_in = tokens.to(dtype)
-        z = adapter_in @ w_cat.t()
-        if compute is None:
-            logits, h = z[:, :E], z[:, E:]
-        else:  # the router in the adapter's dtype (see the module docstring)
-            logits, h = tokens.to(adapter_dtype) @ layer.router.weight.t(), z
-        values, index = logits.float().topk(k, dim=-1)
-        gates = torch.zeros(tokens.shape[0], E, dtype=h.dtype, device=h.device)
-        gates.scatter_(1, index, values.softmax(dim=-1).to(h.dtype))
-        h = h.view(-1, E, layer.rank).mul_(gates.unsqueeze(-1)).view(-1, E * layer.rank)
-        if result.dtype == h.dtype and result.is_contiguous() and _owns_output(layer):
-            result.addmm_(h, b_cat_t, alpha=layer.scaling)  # the base output is a fresh tensor of ours
-        else:
-            result = result + torch.mm(h, b_cat_t).mul_(layer.scaling).to(result.dtype)
-    return result.view(*lead, layer.out_features)
+    d_in, d_out, E = layer.in_features, layer.out_features, layer.num_experts
+    tokens = x.reshape(-1, d_in)
+    base = layer._modules["base_layer"]
+    assert base is not None
+    plain = not args and not kwargs and _plain_linear(base)
+    if plain and compute is None:  # the base's forward itself, without a module call
+        linear = cast(torch.nn.Linear, base)
+        result = F.linear(tokens, linear.weight, linear.bias)
+    else:
+        result = base(x, *args, **kwargs).reshape(-1, d_out)
+    adapter_dtype = layer._parameters["lora_A"].dtype  # type: ignore[union-attr]
+    if compute is None:
+        w_cat, b_cat_t = fused_weights(layer, adapter_dtype, with_router=True)
+        z = torch.mm(tokens if tokens.dtype == adapter_dtype else tokens.to(adapter_dtype), w_cat.t())
+        logits, h = z[:, :E], z[:, E:]
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            w_cat, b_cat_t = fused_weights(layer, compute, with_router=False)
+            h = torch.mm(tokens.to(compute), w_cat.t())
+            # the router in the adapter's dtype (see the module docstring)
+            logits = torch.mm(tokens.to(adapter_dtype), layer.router.weight.t())
+    values, index = logits.float().topk(layer.top_k, dim=-1, sorted=False)  # the order does not matter
+    gates = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device)
+    gates.scatter_(1, index, values.softmax(dim=-1).to(h.dtype))
+    h = h.view(-1, E, layer.rank).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
+    if plain and result.dtype == h.dtype:
+        result.addmm_(h, b_cat_t, alpha=layer.scaling)  # the base output is a fresh tensor of ours
+    else:
+        result = result + torch.mm(h, b_cat_t).mul_(layer.scaling).to(result.dtype)
+    return result.view(*x.shape[:-1], d_out)
 
 
 def sparse_inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -293,13 +293,13 @@ class MoELoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.adapter_enabled:
             return self.base_layer(x, *args, **kwargs)
+        if self.inference_path and not self.training and not torch.is_grad_enabled():  # eval, no_grad: generation
+            if not self.uses_sparse(x):
+                return inference_forward(self, x, args, kwargs, autocast_dtype(x.device.type))
+            if x.numel() <= SPARSE_GATHER_TOKENS * self.in_features:
+                return sparse_inference_forward(self, x, args, kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
-        if self.inference_path and not self.training and not torch.is_grad_enabled():  # eval, no_grad: generation
-            if not self.uses_sparse(tokens):
-                return inference_forward(self, x, args, kwargs, autocast_dtype(tokens.device.type))
-            if tokens.shape[0] <= SPARSE_GATHER_TOKENS:
-                return sparse_inference_forward(self, x, args, kwargs)
         keep = None
         scaling = self.scaling
         if self.training and self.dropout > 0:
