@@ -7,7 +7,7 @@ into model batches;
 """
 
 from ..cache import default_cache_dir
-from . import bigbench, chat_files, generic, glue, hub, qa, rotten_tomatoes  # noqa: F401  (register the loaders)
+from . import bigbench, chat_files, generic, glue, hub, images, qa, rotten_tomatoes  # noqa: F401  (register the loaders)
 from .chat import CHATML_TEMPLATE, ConversationTooLongError, encode_conversation, parse_conversation, render
 from .chat_collate import ChatCollator
 from .chat_files import chat_example

@@ -31,6 +31,8 @@ class Example:
         text: the raw input of an encoder classifier (first segment).
         text_pair: the optional second segment of an encoder classifier (sentence pairs, passages).
         uid: an identifier that is stable across loads (the source's id when it has one).
+        image: the path of the example's image (image tasks: the prompt holds one image placeholder, which
+            the model's processor expands into its image tokens); ``None`` for text-only examples.
         messages: a generative (chat) example's conversation ``({"role", "content"}, ...)``, ending with
             the assistant turn to learn and to generate; ``options`` then holds the acceptable answers
             (the first is that last turn's text) and ``label`` is 0.
@@ -43,6 +45,7 @@ class Example:
     text_pair: str | None = None
     uid: str = ""
     messages: tuple[dict[str, str], ...] = ()
+    image: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, tuple):

@@ -1,0 +1,85 @@
+"""Vision-language pieces: a tiny random LLaVA (CLIP tower + Llama), the paper's targets in both towers,
+images that reach the model, and image_mc_file with its errors."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import moelora
+from moelora.finetune.data import MalformedRowError, load_task
+from moelora.finetune.vision import PAPER_VLM_TARGETS, random_llava
+
+
+def square(path, colour, size=28):
+    Image.new("RGB", (size, size), colour).save(path)
+    return path.name
+
+
+def test_the_papers_target_list_wraps_both_towers():
+    model, _ = random_llava()
+    moelora.wrap(model, moelora.MoELoRAConfig(num_experts=4, top_k=2, rank=2, target_modules=PAPER_VLM_TARGETS))
+    names = [name for name, _ in moelora.moelora_layers(model)]
+    vision = [n for n in names if ".vision_tower." in n]
+    language = [n for n in names if ".language_model." in n]
+    assert len(vision) == 2 * 4 and len(language) == 2 * 4 and len(names) == 16  # 2 layers x 4 per tower
+    assert {n.rsplit(".", 1)[1] for n in vision} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert {n.rsplit(".", 1)[1] for n in language} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_the_image_changes_the_models_output(tmp_path):
+    model, processor = random_llava()
+    moelora.wrap(model, moelora.MoELoRAConfig(num_experts=4, top_k=2, rank=2, target_modules=PAPER_VLM_TARGETS))
+    with torch.no_grad():
+        for _, layer in moelora.moelora_layers(model):
+            layer.lora_B.normal_(0, 0.1)
+    red = Image.new("RGB", (28, 28), "red")
+    blue = Image.new("RGB", (28, 28), (0, 0, 255))
+    prompt = "<image>\nWhat colour is the square? Answer:"
+
+    def logits(image):
+        inputs = processor(text=prompt, images=image, return_tensors="pt")
+        assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 4  # (28 / 14) ** 2 patches
+        with torch.no_grad():
+            return model(**inputs).logits[0, -1]
+
+    assert not torch.allclose(logits(red), logits(blue))  # same question, another image
+    torch.testing.assert_close(logits(red), logits(red))
+
+
+def write_task(folder, rows):
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for colour in ("red", "blue", "green"):
+        square(images / f"{colour}.png", colour)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def rows(n=12):
+    colours = ["red", "blue", "green"]
+    return [{"image": f"images/{colours[i % 3]}.png", "question": "What colour is the square?",
+             "choices": colours, "answer": colours[i % 3]} for i in range(n)]
+
+
+def test_image_mc_file_reads_rows_with_images(tmp_path):
+    task = load_task("image_mc_file", data_dir=write_task(tmp_path / "data", rows()))
+    example = task.train[0]
+    assert task.kind == "multiple_choice" and task.info["modality"] == "image"
+    assert example.prompt.startswith("<image>\n") and example.image.endswith(".png")
+    assert example.options[example.label].strip().endswith(f"{'ABC'[example.label]}.")  # letter answers
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.update(image="images/absent.png"), r"train.jsonl, line 3: image .*absent.png does not exist"),
+    (lambda r: r.update(image="images/broken.png"), r"train.jsonl, line 3: image .*broken.png cannot be read"),
+    (lambda r: r.pop("image"), r"train.jsonl, line 3: a row of an image task needs 'image'"),
+])
+def test_bad_image_rows_name_the_file_line_and_image(tmp_path, change, message):
+    data = rows()
+    change(data[2])
+    folder = write_task(tmp_path / "data", data)
+    (folder / "images" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(MalformedRowError, match=message):
+        load_task("image_mc_file", data_dir=folder)
