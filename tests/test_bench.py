@@ -7,7 +7,7 @@ from torch import nn
 from moelora import MoELoRALinear
 from moelora.bench import layer_bench
 from moelora.bench.runner import TARGETS, format_table
-from moelora.bench.timing import time_interleaved
+from moelora.bench.timing import Timing, time_interleaved
 
 SMALL = dict(d=32, tokens=64, num_experts=4, top_k=2, rank=2)
 
@@ -53,3 +53,14 @@ def test_table_lists_targets_that_were_measured():
     assert "| layer.speedup_vs_per_expert_loop | 6.00 | >= 5 | yes |" in table
     assert "| layer.cost_vs_dense_lora | 1.30 | <= 1.2 | no |" in table
     assert "optimizer" not in table and len(TARGETS) >= 9
+
+
+def test_generation_ratios_are_moeloras_time_over_each_baseline():
+    from moelora.bench.generate_bench import _ratios
+
+    timing = Timing({"moelora": [1.1, 1.3, 1.2], "peft_lora_r16": [1.0], "base": [0.8], "moelora_training_path": [2.4]})
+    ratios = _ratios(timing, tokens=32)
+    assert ratios["cost_vs_peft_lora"] == pytest.approx(1.2) and ratios["cost_vs_base"] == pytest.approx(1.5)
+    assert ratios["speedup_vs_training_path"] == pytest.approx(2.0)
+    assert ratios["tokens_per_s"]["moelora"] == pytest.approx(32 / 1.2)
+    assert {"generate.decode_b1.cost_vs_peft_lora", "generate.decode_b8.cost_vs_peft_lora"} <= set(TARGETS)

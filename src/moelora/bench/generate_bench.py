@@ -69,11 +69,7 @@ def run(quick: bool = False, new_tokens: int = 32, prompt_tokens: int = 128, thr
 
         timing = time_interleaved({name: decode(name) for name in models}, repeats=3 if quick else 7, warmup=1)
         results[f"decode_b{batch}"] = {
-            "timings": timing.as_dict(),
-            "tokens_per_s": {n: batch * new_tokens / timing.median(n) for n in models},
-            "cost_vs_peft_lora": timing.ratio("moelora", "peft_lora_r16"),
-            "cost_vs_base": timing.ratio("moelora", "base"),
-            "speedup_vs_training_path": timing.ratio("moelora_training_path", "moelora"),
+            **_ratios(timing, batch * new_tokens),
             "same_text_as_training_path": bool(torch.equal(texts["moelora"], texts["moelora_training_path"])),
         }
         long_prompt = torch.randint(0, vocab, (batch, prompt_tokens), generator=generator)
@@ -87,14 +83,19 @@ def run(quick: bool = False, new_tokens: int = 32, prompt_tokens: int = 128, thr
             return call
 
         timing = time_interleaved({name: prefill(name) for name in models}, repeats=3 if quick else 7, warmup=1)
-        results[f"prefill_b{batch}"] = {
-            "timings": timing.as_dict(),
-            "tokens_per_s": {n: batch * prompt_tokens / timing.median(n) for n in models},
-            "cost_vs_peft_lora": timing.ratio("moelora", "peft_lora_r16"),
-            "cost_vs_base": timing.ratio("moelora", "base"),
-            "speedup_vs_training_path": timing.ratio("moelora_training_path", "moelora"),
-        }
+        results[f"prefill_b{batch}"] = _ratios(timing, batch * prompt_tokens)
     return results
+
+
+def _ratios(timing: Any, tokens: int) -> dict[str, Any]:
+    """Medians, tokens per second and moelora's ratios to the base, PEFT and its own training path."""
+    return {
+        "timings": timing.as_dict(),
+        "tokens_per_s": {n: tokens / timing.median(n) for n in timing.samples},
+        "cost_vs_peft_lora": timing.ratio("moelora", "peft_lora_r16"),
+        "cost_vs_base": timing.ratio("moelora", "base"),
+        "speedup_vs_training_path": timing.ratio("moelora_training_path", "moelora"),
+    }
 
 
 def main() -> None:
