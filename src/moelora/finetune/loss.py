@@ -55,6 +55,8 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+# A vision-language model's image inputs, passed through to its forward.
+IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
 
 def _gather_supported(model: nn.Module) -> bool:
@@ -109,9 +111,13 @@ def answer_loss(
     if strategy not in ("auto", "gather", "logits_to_keep"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'logits_to_keep', got {strategy!r}")
     labels = batch["labels"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *IMAGE_INPUTS) if k in batch}
+    images = any(k in batch for k in IMAGE_INPUTS)
+    if images and strategy == "gather":
+        raise ValueError("strategy='gather' runs the language model alone and would drop the images: use 'auto'")
     if strategy == "auto":
-        strategy = "gather" if _gather_supported(model) else "logits_to_keep"
+        # Image inputs go through the model's own forward, which runs the vision tower and places its output.
+        strategy = "gather" if _gather_supported(model) and not images else "logits_to_keep"
     if strategy == "gather":
         inner: Any  # a transformers model (get_decoder, get_output_embeddings)
         inner, _ = _unwrap(model)
@@ -142,11 +148,16 @@ class CausalLMAnswerLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **images: torch.Tensor):
         # No attention_mask: a packed batch, whose sequences the model separates by where position_ids restart.
+        # ``images``: a vision-language model's pixel_values (and image_sizes).
         if labels is None:
             raise ValueError("CausalLMAnswerLoss needs labels")
-        batch = {"input_ids": input_ids, "labels": labels}
+        unknown = sorted(set(images) - set(IMAGE_INPUTS))
+        if unknown:
+            raise TypeError(f"CausalLMAnswerLoss got unexpected inputs {unknown}")
+        batch = {"input_ids": input_ids, "labels": labels, **images}
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
         if position_ids is not None:

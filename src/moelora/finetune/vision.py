@@ -23,10 +23,11 @@ IMAGE_TOKEN = "<image>"
 
 
 def random_llava(seed: int = 0, image_size: int = 28, patch_size: int = 14, hidden_size: int = 32,
-                 layers: int = 2) -> tuple[Any, Any]:
+                 layers: int = 2, initializer_range: float = 0.02) -> tuple[Any, Any]:
     """``(LlavaForConditionalGeneration, LlavaProcessor)``, tiny and random (see the module docstring).
 
-    Each image becomes ``(image_size / patch_size) ** 2`` image tokens (4 by default) in the prompt.
+    Each image becomes ``(image_size / patch_size) ** 2`` image tokens (4 by default) in the prompt. A larger
+    ``initializer_range`` (0.1) gives a random LM head that can become confident within a few steps.
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -42,7 +43,7 @@ def random_llava(seed: int = 0, image_size: int = 28, patch_size: int = 14, hidd
     text = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
                        num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       max_position_embeddings=512)
+                       max_position_embeddings=512, initializer_range=initializer_range)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     with torch.random.fork_rng():
