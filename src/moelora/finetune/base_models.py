@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "minilm"
 RANDOM_LLAMA = "random-llama"
+RANDOM_LLAVA = "random-llava"  # moelora.finetune.vision.random_llava: a tiny CLIP + Llama LLaVA
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(ModelDType)}
@@ -130,6 +131,18 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
             quantize_linears(model, quantization, compute_dtype, device)
         model.config.name_or_path = RANDOM_LLAMA
         return model.eval(), tokenizer
+    if name == RANDOM_LLAVA:
+        from .vision import random_llava
+
+        if quantization != "none":
+            raise ConfigError("model.quantization applies to real bases; random-llava is a tiny test model")
+        options = dict(random_config or {})
+        unknown = sorted(set(options) - {"hidden_size", "layers", "image_size", "patch_size", "initializer_range"})
+        if unknown:
+            raise ConfigError(f"model.random_config: unknown random-llava key(s) {unknown}; valid: hidden_size, "
+                              f"layers, image_size, patch_size, initializer_range")
+        llava, processor = random_llava(seed=seed, **options)
+        return llava.to(device=device, dtype=torch_dtype).eval(), processor
     if name == SMOLLM2:
         folder = smollm2_folder()
     elif name == MINILM:
@@ -138,7 +151,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
-                f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}) nor a "
+                f"model.name {name!r} is neither a bundled model ({SMOLLM2}, {MINILM}, {RANDOM_LLAMA}, {RANDOM_LLAVA}) nor a "
                 f"folder with a config.json"
             )
     remote: dict[str, Any] = {"trust_remote_code": trust_remote_code}

@@ -12,6 +12,7 @@ from .base_models import is_encoder
 from .data import IGNORE_INDEX, CausalLMCollator, EncoderCollator, Example, TaskData, load_task
 from .data.chat import ConversationTooLongError, EncodedConversation
 from .data.chat_collate import ChatCollator
+from .data.image_collate import ImageCollator
 from .errors import ConfigError
 from .run_config import RunConfig
 
@@ -38,6 +39,11 @@ class TaskRuntime:
     def generative(self) -> bool:
         return self.task.kind == "generative"
 
+    @property
+    def images(self) -> bool:
+        """An image task (``image_mc_file``): batches through the model's processor."""
+        return self.task.info.get("modality") == "image"
+
     @classmethod
     def load(cls, config: RunConfig) -> TaskRuntime:
         data = config.data
@@ -63,6 +69,8 @@ class TaskRuntime:
         data = self.config.data
         if self.encoder:
             self._collator = EncoderCollator(tokenizer, data.max_length)
+        elif self.images:  # ``tokenizer`` is the vision-language model's processor
+            self._collator = ImageCollator(tokenizer, data.max_length)
         elif self.generative:
             self._collator = ChatCollator(tokenizer, data.max_length, chat_template=data.chat_template,
                                           train_on=data.train_on, packing=data.packing)
@@ -107,7 +115,7 @@ class TaskRuntime:
         """Token lengths of the training sequences (characters for encoders), for length grouping."""
         if self.generative:
             return [len(e.input_ids) for e in self._training_conversations()]
-        if self.encoder:
+        if self.encoder or self.images:  # characters: a size proxy that needs no tokenizer pass
             return [len(ex.text) + len(ex.text_pair or "") for ex in self.task.train]
         return self._collator.token_lengths(self.task.train)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from .base_models import RANDOM_LLAVA
 from .data.errors import MalformedRowError
 
 PAPER_VLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj"]
-RANDOM_LLAVA = "random-llava"
 IMAGE_TOKEN = "<image>"
 
 

@@ -21,7 +21,7 @@ from ..errors import EvaluationError
 from .generation import extract_answer, generate_texts
 from .intervals import Interval, bootstrap_interval, wilson_interval
 from .metrics import accuracy, get_metric, pearson, spearman
-from .scoring import score_options
+from .scoring import score_image_options, score_options
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,9 @@ def evaluate(
     if task.kind == "regression" and method != "classifier":
         raise ConfigError(f"task {task.name!r} is a regression task: evaluate it with method='classifier' "
                          "(a model with a one-output sequence-classification head)")
+    if task.info.get("modality") == "image" and method != "loglik":
+        raise ConfigError(f"task {task.name!r} has images: evaluate it with method='loglik' (generation with "
+                          f"images is not supported yet)")
     if task.kind == "multiple_choice" and method == "classifier":
         raise ConfigError(f"task {task.name!r} has per-example options: use method='loglik' or 'generate'")
 
@@ -205,7 +208,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        if method == "loglik":
+        if method == "loglik" and task.info.get("modality") == "image":  # ``tokenizer`` is the model's processor
+            scores = score_image_options(model, tokenizer, examples, batch_size=batch_size, normalize=normalize,
+                                         max_length=max_length, progress=progress, desc=desc)
+            predictions = [int(np.argmax(s)) for s in scores]
+        elif method == "loglik":
             scores = score_options(model, tokenizer, examples, batch_size=batch_size, normalize=normalize,
                                    max_length=max_length, progress=progress, desc=desc)
             predictions = [int(np.argmax(s)) for s in scores]

@@ -221,3 +221,37 @@ def _score_from_shared_prompts(model: nn.Module, rows: list[_Row], batch_size: i
         later_picked = later[:, :-1].gather(-1, answer_ids[:, 1:, None]).squeeze(-1) * answer_mask[:, 1:]
         totals = (first_picked + later_picked.sum(dim=-1)).tolist()
         yield from zip(members, totals)
+
+
+def score_image_options(model: nn.Module, processor: Any, examples: Sequence[Example], *, batch_size: int = 16,
+                        normalize: str = "mean", max_length: int | None = None, progress: bool = False,
+                        desc: str | None = None) -> list[list[float]]:
+    """``score_options`` for image examples: one row per option (the prompt with its image, then the option),
+    collated by ``ImageCollator`` and scored by the model's own forward (which runs the vision tower)."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from ..data.collate import IGNORE_INDEX
+    from ..data.image_collate import ImageCollator
+
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    collator = ImageCollator(processor, max_length)
+    rows = [(i, j, replace(e, label=j)) for i, e in enumerate(examples) for j in range(len(e.options))]
+    scores: list[list[float]] = [[0.0] * len(e.options) for e in examples]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc or "scoring", disable=not progress, leave=False):
+            chunk = rows[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collator([row for _, _, row in chunk]).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            mask = targets != IGNORE_INDEX
+            token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+            totals = (token_logprobs * mask).sum(dim=1)
+            values = totals / mask.sum(dim=1) if normalize == "mean" else totals
+            for (i, j, _), value in zip(chunk, values.tolist()):
+                scores[i][j] = value
+    return scores
