@@ -155,6 +155,9 @@ def test_moelora_train_on_images_then_eval(tmp_path, monkeypatch, capsys):
               if "loss" in json.loads(line)]
     assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses  # 5.5 -> 4.7
     assert result.test is not None and result.test.n == 12 and result.zero_shot is not None
+    towers = json.loads((run / "summary.json").read_text())["router_by_tower"]
+    assert set(towers) == {"vision", "language"} and towers["vision"]["layers"] == towers["language"]["layers"] == 8
+    assert all(0 < t["mean_gate_entropy"] and 1 / 4 <= t["mean_max_load"] <= 1 for t in towers.values())
 
     fresh, processor = random_llava(seed=config.train.seed, initializer_range=0.1)
     moelora.load_adapter(fresh, run / "adapter")
@@ -180,3 +183,21 @@ def test_an_image_task_on_a_model_without_an_image_processor_exits_2(tmp_path, m
                  "--set", "adapter.target_modules=[q_proj, v_proj]"])
     assert code == 2 and "has no image processor" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_local_llava_folder_with_its_processor_trains(tmp_path, monkeypatch):
+    """model.name may be a folder holding a LLaVA-style model and its processor (AutoProcessor)."""
+    from moelora.finetune.run_config import load_config
+    from moelora.finetune.trainer import Trainer
+
+    monkeypatch.chdir(ROOT)
+    model, processor = random_llava(initializer_range=0.1)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    config = load_config(SMOKE_VISION, [f"output_dir={tmp_path / 'run'}", f"model.name={tmp_path / 'llava'}",
+                                        "model.random_config={}", "train.steps=4", "train.eval_every=0",
+                                        "eval.zero_shot=false"])
+    result = Trainer(config, progress=False).run()
+    assert result.test is not None and result.test.n == 12
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert meta["base_model"]["class_name"] == "LlavaForConditionalGeneration" and meta["base_model"]["fingerprint"]

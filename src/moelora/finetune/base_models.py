@@ -93,8 +93,9 @@ def byte_level_tokenizer():
 def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: dict | None = None,
                              num_labels: int | None = None, seed: int = 0, trust_remote_code: bool = False,
                              quantization: str = "none", compute_dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``name`` (see the module docstring), on ``device``, in eval mode.
+                             device: torch.device | str = "cpu", processor: bool = False) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``name`` (see the module docstring), on ``device``, in eval mode; with
+    ``processor`` (image tasks) the model's processor (``AutoProcessor``) instead of its tokenizer.
 
     ``quantization`` (``none``, ``nf4``, ``fp4``, ``int8``) quantises the base's linear layers with
     bitsandbytes (``moelora.finetune.quantization``), computing in ``compute_dtype``.
@@ -141,8 +142,8 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
         if unknown:
             raise ConfigError(f"model.random_config: unknown random-llava key(s) {unknown}; valid: hidden_size, "
                               f"layers, image_size, patch_size, initializer_range")
-        llava, processor = random_llava(seed=seed, **options)
-        return llava.to(device=device, dtype=torch_dtype).eval(), processor
+        llava, llava_processor = random_llava(seed=seed, **options)
+        return llava.to(device=device, dtype=torch_dtype).eval(), llava_processor if processor else llava_processor.tokenizer
     if name == SMOLLM2:
         folder = smollm2_folder()
     elif name == MINILM:
@@ -155,7 +156,12 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
                 f"folder with a config.json"
             )
     remote: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **remote)
+    if processor:  # an image task: the model's processor (image processor + tokenizer), as saved with it
+        from transformers import AutoProcessor
+
+        tokenizer = AutoProcessor.from_pretrained(folder, **remote)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **remote)
     if quantization != "none":  # transformers quantises while loading, straight onto the device
         remote.update(quantization_config=bitsandbytes_config(quantization, compute_dtype),
                       device_map={"": str(device)})
@@ -177,14 +183,15 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
                 raise err from None
     if quantization == "none":
         model = model.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer
+    if text_tokenizer.pad_token is None:
+        text_tokenizer.pad_token = text_tokenizer.eos_token
     model.config.name_or_path = name
     return model.eval(), tokenizer
 
 
-def load_base_for_run(config, num_labels: int | None = None,
-                      device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+def load_base_for_run(config, num_labels: int | None = None, device: torch.device | str = "cpu",
+                      processor: bool = False) -> tuple[nn.Module, object]:
     """The base model and tokenizer a run configuration (``RunConfig``) names, on ``device``; ``num_labels``
     sizes the classification head of an encoder (ignored for causal LMs). A quantised base computes in the
     run's precision."""
@@ -193,5 +200,5 @@ def load_base_for_run(config, num_labels: int | None = None,
     return load_model_and_tokenizer(
         m.name, m.dtype, m.random_config, num_labels=num_labels if is_encoder(m.name) else None,
         seed=config.train.seed, trust_remote_code=m.trust_remote_code, quantization=m.quantization,
-        compute_dtype=compute_dtype, device=device,
+        compute_dtype=compute_dtype, device=device, processor=processor,
     )

@@ -167,7 +167,8 @@ def _load_run(run_dir: str, task: str | None = None, device: str | None = None, 
     target = resolve_device(device or config.train.device)
     check_precision(config.train.precision, target)
     runtime = TaskRuntime.load(config)
-    model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels, device=target)
+    model, tokenizer = load_base_for_run(config, num_labels=runtime.task.num_labels, device=target,
+                                         processor=runtime.images)
     load_adapter(model, folder / "adapter")  # with an encoder's trained head (modules_to_save)
     checkpoints = list_checkpoints(folder / "checkpoints")
     if checkpoints:  # anything else a run trained lives beside the adapter in the last checkpoint

@@ -76,6 +76,7 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
         "median_tokens_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
         "resumed_from_step": resumed_from,
         "split_sizes": runtime.task.sizes(),
+        "router_by_tower": router_by_tower(router),
         "skipped_too_long": getattr(runtime, "skipped", 0),
         "sharding": sharding,
     }
@@ -99,6 +100,9 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
             f"difference {100 * diff['value']:+.1f} points, 95 % CI {100 * diff['interval'][0]:+.1f} to "
             f"{100 * diff['interval'][1]:+.1f}"
         )
+    for tower, stats in (summary["router_by_tower"] or {}).items():
+        lines.append(f"- routers of the {tower} tower ({stats['layers']} layers): mean gate entropy "
+                     f"{stats['mean_gate_entropy']:.3f} nats, most loaded expert {100 * stats['mean_max_load']:.1f} %")
     if "loss" in final.get("metrics", {}):
         before = (zero_shot or {}).get("metrics", {})
         after = final["metrics"]
@@ -108,6 +112,23 @@ def _write_summary(run_dir: Path, config: RunConfig, runtime, zero_shot: dict | 
     write_text_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
     plot_run(run_dir, metrics, zero_shot, final, router, config.train.steps)
     return summary
+
+
+_VISION_PARTS = ("vision_tower", "vision_model", "visual")
+
+
+def router_by_tower(router: dict) -> dict[str, dict[str, float]] | None:
+    """For a vision-language model, the routers of each tower (``vision``, ``language``): layer count, mean
+    gate entropy and mean share of the most loaded expert, from ``router_stats``; None for one tower."""
+    groups: dict[str, list[dict]] = {}
+    for name, stats in router.items():
+        tower = "vision" if any(f".{part}." in f".{name}." for part in _VISION_PARTS) else "language"
+        groups.setdefault(tower, []).append(stats)
+    if len(groups) < 2:
+        return None
+    return {tower: {"layers": len(stats), "mean_gate_entropy": sum(s["gate_entropy"] for s in stats) / len(stats),
+                    "mean_max_load": sum(max(s["expert_load"]) for s in stats) / len(stats)}
+            for tower, stats in groups.items()}
 
 
 def _paired(a: list, b: list, seed: int) -> dict[str, Any]:

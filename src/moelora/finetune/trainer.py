@@ -270,7 +270,8 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
 
         model: Any
-        model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels, device=self.device)
+        model, self.tokenizer = load_base_for_run(cfg, num_labels=runtime.task.num_labels, device=self.device,
+                                                  processor=runtime.images)
         self.model = model
         runtime.attach(model, self.tokenizer)
         find_targets(model, cfg.adapter)  # a target list that matches nothing fails before the evaluation
