@@ -201,3 +201,31 @@ def test_a_local_llava_folder_with_its_processor_trains(tmp_path, monkeypatch):
     assert result.test is not None and result.test.n == 12
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert meta["base_model"]["class_name"] == "LlavaForConditionalGeneration" and meta["base_model"]["fingerprint"]
+
+
+def test_generation_with_images_answers_and_is_scored(tmp_path, monkeypatch):
+    """eval.method=generate on an image task: greedy text through the processor with each image, the answer
+    letter read from it; the image changes what is generated."""
+    from moelora.finetune.eval import evaluate
+    from moelora.finetune.eval.generation import generate_image_texts
+
+    task = load_task("image_mc_file", data_dir=write_task(tmp_path / "data", rows()))
+    model, processor = random_llava(initializer_range=0.1)
+    result = evaluate(model, processor, task, task.train[:4], method="generate", max_new_tokens=5)
+    assert result.method == "generate" and result.n == 4 and len(result.generations) == 4
+    assert all(p in (-1, 0, 1, 2) for p in result.predictions)
+    assert processor.tokenizer.padding_side == "right"  # restored
+    red, blue = (replace_image(task.test[0], tmp_path, c) for c in ("red", "blue"))
+    outputs = generate_image_texts(model, processor, [red, blue], max_new_tokens=6)
+    logits = []
+    for example in (red, blue):
+        inputs = processor(text=example.prompt, images=Image.open(example.image), return_tensors="pt")
+        with torch.no_grad():
+            logits.append(model(**inputs).logits[0, -1])
+    assert len(outputs) == 2 and not torch.allclose(logits[0], logits[1])
+
+
+def replace_image(example, folder, colour):
+    from dataclasses import replace
+
+    return replace(example, image=str(folder / "data" / "images" / f"{colour}.png"))

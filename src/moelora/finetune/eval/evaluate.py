@@ -18,7 +18,7 @@ from ..data.chat import TrainOn
 from ..data.collate import EncoderCollator
 from ..data.example import Example, TaskData
 from ..errors import EvaluationError
-from .generation import extract_answer, generate_texts
+from .generation import extract_answer, generate_image_texts, generate_texts
 from .intervals import Interval, bootstrap_interval, wilson_interval
 from .metrics import accuracy, get_metric, pearson, spearman
 from .scoring import score_image_options, score_options
@@ -197,9 +197,6 @@ def evaluate(
     if task.kind == "regression" and method != "classifier":
         raise ConfigError(f"task {task.name!r} is a regression task: evaluate it with method='classifier' "
                          "(a model with a one-output sequence-classification head)")
-    if task.info.get("modality") == "image" and method != "loglik":
-        raise ConfigError(f"task {task.name!r} has images: evaluate it with method='loglik' (generation with "
-                          f"images is not supported yet)")
     if task.kind == "multiple_choice" and method == "classifier":
         raise ConfigError(f"task {task.name!r} has per-example options: use method='loglik' or 'generate'")
 
@@ -217,9 +214,13 @@ def evaluate(
                                    max_length=max_length, progress=progress, desc=desc)
             predictions = [int(np.argmax(s)) for s in scores]
         elif method == "generate":
-            generations = generate_texts(model, tokenizer, [e.prompt for e in examples],
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         max_length=max_length, progress=progress, desc=desc)
+            if task.info.get("modality") == "image":
+                generations = generate_image_texts(model, tokenizer, examples, max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size, progress=progress, desc=desc)
+            else:
+                generations = generate_texts(model, tokenizer, [e.prompt for e in examples],
+                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                             max_length=max_length, progress=progress, desc=desc)
             predictions = [extract_answer(g, e.options, task.answer_format) for g, e in zip(generations, examples)]
             missing = sum(p < 0 for p in predictions)
             if missing:

@@ -140,3 +140,30 @@ def extract_answer(text: str, options: Sequence[str], answer_format: str) -> int
     if answer_format == "text":
         return extract_text_option(text, options)
     raise ValueError(f"cannot extract answers of format {answer_format!r}")
+
+
+def generate_image_texts(model: nn.Module, processor: Any, examples: Sequence[Any], *, max_new_tokens: int = 10,
+                         batch_size: int = 16, progress: bool = False, desc: str | None = None) -> list[str]:
+    """Greedy continuations of image examples' prompts (each with its image), through the model's processor,
+    batched with left padding; special tokens removed. Runs under ``torch.no_grad()``."""
+    from ..vision import load_image
+
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    device = next(model.parameters()).device
+    generate = cast(Callable[..., torch.Tensor], model.generate)
+    texts: list[str] = []
+    try:
+        tokenizer.padding_side = "left"  # every prompt's last token in the last column, where generation goes on
+        with torch.no_grad():
+            for start in tqdm(range(0, len(examples), batch_size), desc=desc or "generating", disable=not progress,
+                              leave=False):
+                chunk = examples[start : start + batch_size]
+                inputs = processor(text=[e.prompt for e in chunk], images=[load_image(e.image) for e in chunk],
+                                   padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+                out = generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=pad_token_id(tokenizer))
+                texts.extend(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts
