@@ -229,3 +229,25 @@ def replace_image(example, folder, colour):
     from dataclasses import replace
 
     return replace(example, image=str(folder / "data" / "images" / f"{colour}.png"))
+
+
+def test_visual7w_in_its_public_layout(tmp_path):
+    root = tmp_path / "v7w"
+    (root / "images").mkdir(parents=True)
+    entries = []
+    for i, (colour, split) in enumerate([("red", "train"), ("blue", "train"), ("green", "val"), ("red", "test")]):
+        square(root / "images" / f"v7w_{i}.png", colour)
+        entries.append({"filename": f"v7w_{i}.png", "image_id": i, "split": split, "qa_pairs": [
+            {"qa_id": 100 + i, "question": "What colour is the square?", "answer": colour,
+             "multiple_choices": [c for c in ("red", "blue", "green", "white") if c != colour][:3], "type": "what"}]})
+    (root / "dataset_v7w_telling.json").write_text(json.dumps({"images": entries}))
+    task = load_task("visual7w", data_dir=root)
+    assert task.sizes() == {"train": 2, "validation": 1, "test": 1} and task.info["modality"] == "image"
+    for example in task.train + task.validation + task.test:
+        assert len(example.options) == 4 and example.image.endswith(".png") and example.prompt.startswith("<image>")
+    positions = {e.label for e in task.train + task.validation + task.test}
+    assert all(0 <= p < 4 for p in positions)
+    entries[1]["filename"] = "missing.png"
+    (root / "dataset_v7w_telling.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(MalformedRowError, match=r"record images\[1\]: image .*missing.png does not exist"):
+        load_task("visual7w", data_dir=root)

@@ -72,3 +72,78 @@ def load_image_mc_file(
         description=f"image multiple choice from {train_path}" + (f"; {notes}" if notes else ""),
         info={"modality": "image"},
     )
+
+
+# --- Visual7W (telling) ----------------------------------------------------------------------------------
+
+V7W_FILES = ("dataset_v7w_telling.json", "dataset.json")
+
+
+@register_task("visual7w")
+def load_visual7w(
+    name: str = "visual7w", *, data_dir: str | Path | None = None, answer_format: str = "letter",
+    images_dir: str = "images", split_seed: int = DEFAULT_SPLIT_SEED,
+) -> TaskData:
+    """Visual7W's telling QA in its public layout: ``data_dir`` holds ``dataset_v7w_telling.json`` (or the
+    toolkit's ``dataset.json``) and the images folder (``images/``).
+
+    The JSON is ``{"images": [{"filename", "split": "train" | "val" | "test", "qa_pairs": [{"qa_id",
+    "question", "answer", "multiple_choices": [three wrong answers], "type"}]}]}``. The four candidates are
+    the answer and the three wrong ones, in an order fixed per question (seeded by its id), since the
+    answer always comes first in the file. Splits are the dataset's own. Images are checked to exist when
+    the task loads (opening 47,300 of them would take minutes); one that cannot be read fails in its batch,
+    naming it.
+    """
+    import json
+
+    from .errors import DataError
+    from .io import find_file
+    from .prompts import mc_example
+    from .splits import hash_order
+
+    if data_dir is None:
+        raise DataError(f"task {name!r} needs data_dir=<folder with {V7W_FILES[0]} and {images_dir}/>")
+    path = find_file(data_dir, V7W_FILES, "Visual7W telling annotations")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MalformedRowError(f"invalid JSON ({err.msg})", path, err.lineno) from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise MalformedRowError("expected an object with an 'images' list", path)
+    folder = Path(data_dir).expanduser() / images_dir
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for i, image in enumerate(images):
+        where = f"images[{i}]"
+        try:
+            filename, split = image["filename"], image["split"]
+            pairs = image["qa_pairs"]
+        except (KeyError, TypeError):
+            raise MalformedRowError("an image entry needs 'filename', 'split' and 'qa_pairs'", path,
+                                    record=where) from None
+        if split not in splits:
+            raise MalformedRowError(f"split {split!r} is not train, val or test", path, record=where)
+        image_path = (folder / filename).resolve()
+        if not image_path.is_file():
+            raise MalformedRowError(f"image {image_path} does not exist", path, record=where)
+        for j, pair in enumerate(pairs):
+            try:
+                wrong = [str(c) for c in pair["multiple_choices"]]
+                qa_id = str(pair.get("qa_id", f"{i}.{j}"))
+                candidates = [str(pair["answer"]), *wrong]
+                question = str(pair["question"])
+            except (KeyError, TypeError):
+                raise MalformedRowError("a QA pair needs 'question', 'answer' and 'multiple_choices'", path,
+                                        record=f"{where}.qa_pairs[{j}]") from None
+            order = hash_order([f"{qa_id}:{k}" for k in range(len(candidates))], str, split_seed)
+            order_index = [int(key.rsplit(":", 1)[1]) for key in order]
+            example = mc_example(question, [candidates[k] for k in order_index], order_index.index(0), None,
+                                 answer_format=answer_format, uid=qa_id)
+            splits[split].append(replace(example, prompt=f"{IMAGE_PLACEHOLDER}\n{example.prompt}",
+                                         image=str(image_path)))
+    train, validation, test = splits["train"], splits["val"], splits["test"]
+    return TaskData(
+        name=name, kind="multiple_choice", train=train, validation=validation, test=test, metric="accuracy",
+        num_labels=4, answer_format=answer_format, info={"modality": "image", "source": str(path)},
+        description=f"Visual7W telling QA from {path}: {len(train)} train, {len(validation)} val, {len(test)} test",
+    )
