@@ -251,3 +251,23 @@ def test_visual7w_in_its_public_layout(tmp_path):
     (root / "dataset_v7w_telling.json").write_text(json.dumps({"images": entries}))
     with pytest.raises(MalformedRowError, match=r"record images\[1\]: image .*missing.png does not exist"):
         load_task("visual7w", data_dir=root)
+
+
+def test_prompts_go_through_the_processors_chat_template_when_it_has_one(tmp_path):
+    from moelora.finetune.data.image_collate import ImageCollator, image_prompt
+
+    task = load_task("image_mc_file", data_dir=write_task(tmp_path / "data", rows()))
+    model, processor = random_llava()
+    example = task.train[0]
+    assert image_prompt(processor, example) == example.prompt  # no template: the placeholder line
+    processor.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    text = image_prompt(processor, example)
+    assert text.startswith("<|im_start|>user\n<image>\n") and text.endswith("<|im_start|>assistant\n")
+    assert example.prompt.removeprefix("<image>\n") in text
+    batch = ImageCollator(processor, 256)(task.train[:2])
+    assert ((batch["input_ids"] == model.config.image_token_index).sum(dim=1) == 4).all()
+    answer = processor.tokenizer.decode([t for t in batch["labels"][0].tolist() if t != -100])
+    assert answer == example.answer

@@ -2,7 +2,8 @@
 
 ``ImageCollator(processor, max_length)(examples)`` returns ``input_ids``, ``attention_mask``, ``labels``
 (each ``(B, T)``, padded on the right) and ``pixel_values`` (the processor's image tensor). Each sequence is
-the prompt, whose ``<image>`` placeholder the processor expands into the image's tokens, then the answer
+the prompt (through the processor's chat template when it has one, ``image_prompt``), whose image
+placeholder the processor expands into the image's tokens, then the answer
 (``example.answer``); labels are ``-100`` except on the answer tokens. Prompt and answer are tokenized
 apart, as ``CausalLMCollator`` does, so the labelled tokens are exactly the answer's. Image tokens are
 never truncated: an example longer than ``max_length`` is an error that names it.
@@ -18,6 +19,20 @@ import torch
 from .collate import IGNORE_INDEX, pad_batch, pad_token_id
 from .errors import DataError
 from .example import Example
+
+
+def image_prompt(processor: Any, example: Example) -> str:
+    """The text of an image example's prompt for ``processor``: through its chat template when it has one
+    (one user turn holding the image and the question, then the generation prompt), else the example's own
+    prompt with its ``<image>`` placeholder line."""
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        return example.prompt
+    from .images import IMAGE_PLACEHOLDER
+
+    question = example.prompt.removeprefix(f"{IMAGE_PLACEHOLDER}\n")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
 
 def image_processor_of(processor: Any, model_name: str = "the model") -> Any:
@@ -49,8 +64,8 @@ class ImageCollator:
         if missing:
             raise DataError(f"an image batch holds examples without an image: {missing[:3]}")
         images = [load_image(e.image) for e in examples if e.image is not None]
-        prompts = self.processor(text=[e.prompt for e in examples], images=images, padding=True, return_tensors="pt",
-                                 add_special_tokens=False)
+        prompts = self.processor(text=[image_prompt(self.processor, e) for e in examples], images=images,
+                                 padding=True, return_tensors="pt", add_special_tokens=False)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(prompts["input_ids"], prompts["attention_mask"])]
         answers = self.tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
         sequences, labels = [], []

@@ -146,6 +146,7 @@ def generate_image_texts(model: nn.Module, processor: Any, examples: Sequence[An
                          batch_size: int = 16, progress: bool = False, desc: str | None = None) -> list[str]:
     """Greedy continuations of image examples' prompts (each with its image), through the model's processor,
     batched with left padding; special tokens removed. Runs under ``torch.no_grad()``."""
+    from ..data.image_collate import image_prompt
     from ..vision import load_image
 
     tokenizer = processor.tokenizer
@@ -159,7 +160,8 @@ def generate_image_texts(model: nn.Module, processor: Any, examples: Sequence[An
             for start in tqdm(range(0, len(examples), batch_size), desc=desc or "generating", disable=not progress,
                               leave=False):
                 chunk = examples[start : start + batch_size]
-                inputs = processor(text=[e.prompt for e in chunk], images=[load_image(e.image) for e in chunk],
+                inputs = processor(text=[image_prompt(processor, e) for e in chunk],
+                                   images=[load_image(e.image) for e in chunk],
                                    padding=True, return_tensors="pt", add_special_tokens=False).to(device)
                 out = generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=pad_token_id(tokenizer))
