@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from .data.chat import end_of_turn, render
 from .data.collate import pad_token_id
+from .eval.generation import stop_tokens
 
 _ESCAPES = re.compile(r"\\(\\|n|t)")
 _ESCAPED = {"\\": "\\", "n": "\n", "t": "\t"}
@@ -150,8 +151,7 @@ class Generator:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else prompt
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None) or self.tokenizer.eos_token_id
-        stops = ([eos] if isinstance(eos, int) else list(eos or [])) + self.stop_ids
+        stops = stop_tokens(self.model, self.tokenizer, self.stop_ids)
         sampling: dict[str, Any] = {"do_sample": False}
         if not options.greedy:
             sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p,

@@ -24,6 +24,7 @@ near-tied experts must not depend on the precision), so the router is a GEMM of 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -61,9 +62,9 @@ def fused_weights(layer: MoELoRALinear, dtype: torch.dtype, with_router: bool) -
 SPARSE_GATHER_TOKENS = 64
 
 
-def _plain_linear(base: torch.nn.Module) -> bool:
-    """A plain ``nn.Linear`` (no subclass, hook or patched ``forward``): ``F.linear`` computes exactly its
-    forward, into a fresh tensor that may be added into in place."""
+def is_plain_linear(base: torch.nn.Module) -> bool:
+    """A plain ``nn.Linear`` (no subclass, hook or patched ``forward``, which could change what it computes):
+    ``F.linear`` computes exactly its forward, into a fresh tensor that may be added into in place."""
     return (type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and "forward" not in base.__dict__)
 
@@ -76,7 +77,7 @@ def inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs
     tokens = x.reshape(-1, d_in)
     base = layer._modules["base_layer"]
     assert base is not None
-    plain = not args and not kwargs and _plain_linear(base)
+    plain = not args and not kwargs and is_plain_linear(base)
     if plain and compute is None:  # the base's forward itself, without a module call
         linear = cast(torch.nn.Linear, base)
         result = F.linear(tokens, linear.weight, linear.bias)
@@ -110,7 +111,7 @@ def sparse_inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple,
     path computes)."""
     lead = x.shape[:-1]
     result = layer.base_layer(x, *args, **kwargs).reshape(-1, layer.out_features)
-    with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _nullcontext():
+    with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         tokens = x.reshape(-1, layer.in_features).to(layer.lora_A.dtype)
         values, index = (tokens @ layer.router.weight.t()).float().topk(layer.top_k, dim=-1)
         weights = values.softmax(dim=-1).to(tokens.dtype)                       # (T, k)
@@ -119,11 +120,3 @@ def sparse_inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple,
         h = torch.einsum("td,tkrd->tkr", tokens, a) * weights.unsqueeze(-1)     # (T, k, r)
         delta = torch.einsum("tkr,tkor->to", h, b).mul_(layer.scaling)          # (T, d_out)
     return (result + delta.to(result.dtype)).view(*lead, layer.out_features)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
 from .dropout import keep_mask, keep_probability, mask_values
-from .inference import SPARSE_GATHER_TOKENS, inference_forward, sparse_inference_forward
+from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
 from .projection import InputProjection
 from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
@@ -374,9 +374,9 @@ class MoELoRALinear(nn.Module):
         (not a quantised tensor subclass), of the adapter's dtype (any float dtype under autocast, where
         every operand is cast to the autocast dtype)."""
         base = self.base_layer
-        if not (isinstance(base, nn.Linear) and type(base) is nn.Linear and not base._forward_hooks
-                and not base._forward_pre_hooks and "forward" not in base.__dict__):
+        if not is_plain_linear(base):
             return False
+        assert isinstance(base, nn.Linear)
         weight = base.weight
         if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.dtype.is_floating_point:
             return False

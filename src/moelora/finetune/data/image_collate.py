@@ -63,7 +63,9 @@ class ImageCollator:
         missing = [e.uid or e.prompt[:40] for e in examples if e.image is None]
         if missing:
             raise DataError(f"an image batch holds examples without an image: {missing[:3]}")
-        images = [load_image(e.image) for e in examples if e.image is not None]
+        # Option scoring repeats an example once per option: each distinct image is read once per batch.
+        loaded = {path: load_image(path) for path in dict.fromkeys(e.image for e in examples if e.image is not None)}
+        images = [loaded[e.image] for e in examples if e.image is not None]
         prompts = self.processor(text=[image_prompt(self.processor, e) for e in examples], images=images,
                                  padding=True, return_tensors="pt", add_special_tokens=False)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(prompts["input_ids"], prompts["attention_mask"])]

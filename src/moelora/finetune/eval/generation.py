@@ -44,6 +44,16 @@ def generate_texts(
                              progress=progress, desc=desc)
 
 
+def stop_tokens(model: nn.Module, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+    """The ids generation stops at: the model's eos (its generation config's, else the tokenizer's), then
+    ``extra`` (e.g. a chat template's end-of-turn token)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    return stops + [t for t in extra if t not in stops]
+
+
 def generate_from_ids(
     model: nn.Module,
     tokenizer: Any,
@@ -68,11 +78,7 @@ def generate_from_ids(
     from transformers import GenerationConfig
 
     pad_id = pad_token_id(tokenizer)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    stops = [eos] if isinstance(eos, int) else list(eos or [])
-    stops += [t for t in stop_token_ids if t not in stops]
+    stops = stop_tokens(model, tokenizer, stop_token_ids)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=stops or None
     )

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data.chat import ConversationTooLongError, TrainOn, end_of_turn, render
 from ..data.chat_collate import ChatCollator
 from ..data.chat_files import check_answer_pattern
+from ..data.collate import IGNORE_INDEX
 from ..data.example import Example, TaskData
 from ..errors import EvaluationError
 from .generation import generate_from_ids
@@ -68,7 +69,7 @@ def heldout_loss(model: nn.Module, collator: ChatCollator, examples: Sequence[Ex
                           leave=False):
             batch = {k: v.to(device) for k, v in collator.collate(encoded[start : start + batch_size]).items()}
             total += float(answer_loss(model, batch, reduction="sum"))
-            count += int((batch["labels"][:, 1:] != -100).sum())
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return (total / count if count else math.nan), count
 
 
