@@ -93,6 +93,7 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
+    dist.barrier()  # tearing gloo down while the peer still works can abort this process at exit
     dist.destroy_process_group()
 
 

@@ -44,6 +44,7 @@ def main() -> None:
         pass
     batching.StepBatches.micro_batches = original  # type: ignore[method-assign]
     Trainer(config(out, "resumed"), progress=False).run(resume=True)
+    dist.barrier()  # tearing gloo down while the peer still works can abort this process at exit
     dist.destroy_process_group()
 
 

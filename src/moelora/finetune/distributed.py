@@ -87,9 +87,15 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
 
 
-def shutdown_distributed(ctx: DistributedContext) -> None:
-    """End the process group if ``init_distributed`` started it (one the caller started stays)."""
+def shutdown_distributed(ctx: DistributedContext, wait_for_peers: bool = False) -> None:
+    """End the process group if ``init_distributed`` started it (one the caller started stays).
+
+    ``wait_for_peers``: meet the other processes at a barrier first. A process that tears gloo down while
+    a peer is still working can abort at exit, so a run that ended normally waits; one that is leaving on
+    an error does not (its peers may never reach the barrier)."""
     if ctx.enabled and ctx.owns_group and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

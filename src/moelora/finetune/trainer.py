@@ -221,17 +221,21 @@ class Trainer:
         try:
             self.setup(resume, overwrite)
             self.fit()
-            return self.evaluate()
-        finally:
+            result = self.evaluate()
+        except BaseException:
             self.close()
+            raise
+        self.close(wait_for_peers=True)
+        return result
 
-    def close(self) -> None:
-        """Close the trackers; leave the process group that ``setup`` joined (a no-op for a single process)."""
+    def close(self, wait_for_peers: bool = False) -> None:
+        """Close the trackers; leave the process group that ``setup`` joined (a no-op for a single process).
+        ``wait_for_peers``: meet the other processes first (a run that ended normally)."""
         if self._trackers is not None:
             self._trackers.close()
             self._trackers = None
         if self._distributed:
-            shutdown_distributed(self.ctx)
+            shutdown_distributed(self.ctx, wait_for_peers=wait_for_peers)
             self._distributed = False
 
     # ----------------------------------------------------------------------------------------- setup
