@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from moelora import MoELoRALinear
-from moelora.layers.dropout import keep_mask, keep_probability
+from moelora.layers.dropout import DropoutMask, keep_mask, keep_probability
 from moelora.layers.linear import layer_of
 from reference import reference_forward, reference_gates
 
@@ -74,8 +74,8 @@ def test_dropout_applies_to_experts_only(power, fused_base):
     x = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(11)
     out, gx, gA, gB, gR, upstream = layer_grads(layer, x)
-    torch.manual_seed(11)  # the layer's keep-mask is the first random draw of its forward
-    keep = keep_mask((12, 12), 0.3)
+    torch.manual_seed(11)  # the layer's keep-mask (its seed) is the first random draw of its forward
+    keep = DropoutMask.draw((12, 12), 0.3, "cpu").materialize()
     assert not keep.all() and keep.any()
     xr = x.clone().requires_grad_(True)
     A, B, R = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.router.weight))
@@ -285,11 +285,19 @@ def test_layer_with_dropout_compiles_without_graph_breaks():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(6, 12, requires_grad=True)
     torch.manual_seed(3)
-    expected = layer(x)
-    torch.manual_seed(3)
     got = compiled(x)
-    assert_rel_close(got, expected)
     got.sum().backward()
+    torch.manual_seed(3)  # compiled, the layer draws its boolean mask from the default generator and keeps it
+    keep = keep_mask((6, 12), 0.2)
+    assert not keep.all() and keep.any()
+    xr = x.detach().clone().requires_grad_(True)
+    A, B, R = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.router.weight))
+    ref = reference_forward(xr, layer.base_layer.weight, layer.base_layer.bias, A, B, R, layer.top_k, layer.scaling,
+                            layer.gate_backward_power, expert_input=xr * keep / keep_probability(0.2))
+    ref.sum().backward()
+    for got_value, want in [(got, ref.detach()), (x.grad, xr.grad), (layer.lora_A.grad, A.grad),
+                            (layer.lora_B.grad, B.grad), (layer.router.weight.grad, R.grad)]:
+        assert_rel_close(got_value, want)
 
 
 def test_base_fusion_only_for_a_plain_linear():
@@ -346,3 +354,48 @@ def test_top_k_gates_match_the_definition_with_gradients(top_k):
     # (top_k = 1: every gate is exactly 1, so the router gradient is exactly zero in the definition)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
     assert top_k == 1 or w2.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_routed_gates_equal_top_k_gates_with_a_backward_from_the_gates_alone(top_k, dtype):
+    """The layer's routing Function (softmax Jacobian over the kept experts) against autograd through
+    top_k_gates' topk, softmax and scatter: the same gates, the same logit gradient."""
+    from moelora.layers.routing import routed_gates, top_k_gates
+
+    logits = torch.randn(40, 5, generator=torch.Generator().manual_seed(4)).to(dtype)
+    upstream = torch.randn(40, 5, generator=torch.Generator().manual_seed(5))
+    fast, slow = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, want = routed_gates(fast, top_k), top_k_gates(slow, top_k)
+    assert torch.equal(got, want)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert fast.grad.dtype == dtype
+    torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-6, atol=1e-7)
+    assert top_k == 1 or slow.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("fused_base", [True, False], ids=["fused-base", "separate-base"])
+def test_the_backward_pass_keeps_no_mask_and_no_parameter_copy(dropout, fused_base):
+    """What the dense layer saves for its backward pass: the input, the (T, E*r + E) projections and the
+    (T, E) gates. The dropout mask is drawn again from its seed and B_cat is rebuilt from B, so nothing of
+    (T, d_in) besides x and no copy of a parameter is kept."""
+    layer = make_layer(separate_base=not fused_base)
+    layer.dropout = dropout
+    x = torch.randn(64, 12, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params and tensor.untyped_storage().data_ptr() != x.data_ptr():
+            saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    experts = layer.num_experts * layer.rank
+    allowed = {(64, experts), (64, experts + layer.num_experts), (64, layer.num_experts)}
+    assert saved and {shape for shape, _ in saved} <= allowed, saved
+    assert all(dtype == torch.float32 for _, dtype in saved), saved

@@ -21,10 +21,10 @@ from torch import nn
 
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
-from .dropout import keep_mask, keep_probability, mask_values
+from .dropout import DropoutMask, draw_mask, keep_probability, keep_values, mask_values
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
 from .projection import InputProjection
-from .routing import expert_load, gate_entropy, gate_power, init_router_, top_k_gates, top_k_routing
+from .routing import expert_load, gate_entropy, gate_power, init_router_, routed_gates, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
 
 # Every MoE-LoRA layer alive in this process. The optimizers find which layer owns a parameter, and whether
@@ -36,12 +36,18 @@ _LIVE_LAYERS: weakref.WeakSet[MoELoRALinear] = weakref.WeakSet()
 SIDE_A, SIDE_B, SIDE_ROUTER = "A", "B", "router"
 
 
+def _b_cat(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``B`` (E, d_out, r) as ``B_cat`` (d_out, E*r) in ``dtype``: column block ``i`` is ``B_i``."""
+    return lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).to(dtype)
+
+
 class GatedExpertMix(torch.autograd.Function):
     """``out = s * (h * G) @ B_cat^T`` whose backward gives the experts ``G^p`` instead of ``G``.
 
     Shapes: ``h`` (T, E*r) = expert projections ``A_cat (x * m)`` (dropout's ``1/q`` is in ``s``);
-    ``gates`` (T, E); ``B_cat`` (d_out, E*r) with column block ``i`` equal to ``B_i``; ``G`` is each gate
-    repeated over its expert's ``r`` columns.
+    ``gates`` (T, E); ``B`` (E, d_out, r), used as ``B_cat`` (d_out, E*r) with column block ``i`` equal
+    to ``B_i``, in ``h``'s dtype (built again in the backward pass rather than kept: the layer saves no
+    copy of a parameter); ``G`` is each gate repeated over its expert's ``r`` columns.
     An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``); with
     ``base_inplace`` the GEMM accumulates into ``base`` itself (which the caller must own: no other use).
 
@@ -58,9 +64,10 @@ class GatedExpertMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(h: torch.Tensor, gates: torch.Tensor, b_cat: torch.Tensor, scaling: float, power: float,
+    def forward(h: torch.Tensor, gates: torch.Tensor, lora_b: torch.Tensor, scaling: float, power: float,
                 base: torch.Tensor | None = None, base_inplace: bool = False):
         tokens, num_experts = gates.shape
+        b_cat = _b_cat(lora_b, h.dtype)
         z = (h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)).view(tokens, -1)
         if base is None:
             return z @ b_cat.t()
@@ -71,16 +78,17 @@ class GatedExpertMix(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        h, gates, b_cat, scaling, power = inputs[:5]
+        h, gates, lora_b, scaling, power = inputs[:5]
         if len(inputs) > 6 and inputs[6]:
             ctx.mark_dirty(inputs[5])
-        ctx.save_for_backward(h, gates, b_cat)
+        ctx.save_for_backward(h, gates, lora_b)
         ctx.scaling = scaling
         ctx.power = power
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        h, gates, b_cat = ctx.saved_tensors
+        h, gates, lora_b = ctx.saved_tensors
+        b_cat = _b_cat(lora_b, h.dtype)
         tokens, num_experts = gates.shape
         h3 = h.view(tokens, num_experts, -1)
         grad_h = grad_gates = grad_b = None
@@ -92,7 +100,8 @@ class GatedExpertMix(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_gates = (dz * h3).sum(-1) * ctx.scaling
         if ctx.needs_input_grad[2]:
-            grad_b = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)
+            grad_b_cat = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)  # (d_out, E*r)
+            grad_b = grad_b_cat.view(lora_b.shape[1], num_experts, -1).transpose(0, 1).to(lora_b.dtype)
         grad_base = grad_out if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
         return grad_h, grad_gates, grad_b, None, None, grad_base, None
 
@@ -260,7 +269,7 @@ class MoELoRALinear(nn.Module):
 
         Records the gate statistics (training with grad enabled) and the diagnostics as a side effect.
         """
-        gates = top_k_gates(logits, self.top_k)
+        gates = routed_gates(logits, self.top_k)
         self._record_gates(gates.detach())
         return gates
 
@@ -300,19 +309,19 @@ class MoELoRALinear(nn.Module):
                 return sparse_inference_forward(self, x, args, kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
-        keep = None
+        mask: DropoutMask | torch.Tensor | None = None
         scaling = self.scaling
         if self.training and self.dropout > 0:
-            keep = keep_mask(tokens.shape, self.dropout, tokens.device)
+            mask = draw_mask(tokens.shape, self.dropout, tokens.device)
             scaling = self.scaling / keep_probability(self.dropout, tokens.device)  # drop(x) = x * m / q
         if self.uses_sparse(tokens):
-            out = self._forward_sparse(x, tokens, keep, scaling, args, kwargs)
+            out = self._forward_sparse(x, tokens, mask, scaling, args, kwargs)
         else:
-            out = self._forward_dense(x, tokens, keep, scaling, args, kwargs)
+            out = self._forward_dense(x, tokens, mask, scaling, args, kwargs)
         return out.view(*lead_shape, self.out_features)
 
-    def _forward_dense(self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None, scaling: float,
-                       args: tuple, kwargs: dict) -> torch.Tensor:
+    def _forward_dense(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
+                       scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
         """Every expert on every token: ``InputProjection`` then ``GatedExpertMix``, ``(T, d_out)``.
 
         Under ``torch.autocast`` the experts compute in the autocast dtype with every operand cast
@@ -327,7 +336,6 @@ class MoELoRALinear(nn.Module):
             result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
         dtype = compute or self.lora_A.dtype
         with torch.autocast(tokens.device.type, enabled=False) if compute is not None else contextlib.nullcontext():
-            a_cat = self.lora_A.reshape(self.num_experts * self.rank, self.in_features).to(dtype)
             # Under autocast the router's logits are computed apart, in the adapter's dtype; the projection
             # then carries an empty router (no rows).
             router = self.router.weight if compute is None else self.router.weight[:0].to(dtype)
@@ -335,23 +343,22 @@ class MoELoRALinear(nn.Module):
                 base = self.base_layer
                 assert isinstance(base, nn.Linear)
                 bias = None if base.bias is None else base.bias.to(dtype)
-                result, h, logits = InputProjection.apply(tokens.to(dtype), base.weight.to(dtype), bias, a_cat,
-                                                          router, keep)
+                result, h, logits = InputProjection.apply(tokens.to(dtype), base.weight, bias, self.lora_A,
+                                                          router, mask)
             else:
-                h, logits = InputProjection.apply(tokens.to(dtype), None, None, a_cat, router, keep)
+                h, logits = InputProjection.apply(tokens.to(dtype), None, None, self.lora_A, router, mask)
             if compute is not None:
                 adapter_dtype = self.router.weight.dtype
                 logits = tokens.to(adapter_dtype) @ self.router.weight.t()
             gates = self.route(logits).to(dtype)
-            b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1).to(dtype)
             if result.dtype == dtype:
                 # The fused base output is a fresh tensor of ours: the experts' GEMM accumulates into it.
-                return GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power, result, fused)
-            delta = GatedExpertMix.apply(h, gates, b_cat, scaling, self.gate_backward_power)
+                return GatedExpertMix.apply(h, gates, self.lora_B, scaling, self.gate_backward_power, result, fused)
+            delta = GatedExpertMix.apply(h, gates, self.lora_B, scaling, self.gate_backward_power)
         return result + delta.to(result.dtype)
 
-    def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None, scaling: float,
-                        args: tuple, kwargs: dict) -> torch.Tensor:
+    def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
+                        scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
         """The same function as the dense path, computing only the ``T * top_k`` selected pairs.
 
         The grouped GEMMs run in the adapter's dtype (float32), also under autocast.
@@ -363,6 +370,7 @@ class MoELoRALinear(nn.Module):
             logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
             weights, index = top_k_routing(logits, self.top_k)
             self._record_gates(torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index, weights.detach()))
+            keep = keep_values(mask)
             expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
             outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
                                                      self.gate_backward_power)

@@ -12,6 +12,7 @@ A router is a bias-free linear map ``R`` (``E x d_in``). For tokens ``x`` (``T x
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -41,6 +42,38 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
         return logits.softmax(dim=-1)
     weights, index = top_k_routing(logits, top_k)
     return torch.zeros_like(logits).scatter(-1, index, weights)
+
+
+class _RoutedGates(torch.autograd.Function):
+    """``top_k_gates`` with a backward that needs the gates alone (see ``routed_gates``)."""
+
+    @staticmethod
+    def forward(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+        return top_k_gates(logits, top_k)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.logits_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad_gates: torch.Tensor):
+        (gates,) = ctx.saved_tensors
+        grad_gates = grad_gates.float()
+        inner = (gates * grad_gates).sum(dim=-1, keepdim=True)
+        return (gates * (grad_gates - inner)).to(ctx.logits_dtype), None
+
+
+def routed_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``top_k_gates(logits, top_k)``, differentiable in ``logits`` with a backward that keeps only the
+    ``(T, E)`` gates, which the layer keeps anyway (autograd over ``topk``, ``softmax`` and ``scatter``
+    would also keep the ``(T, k)`` int64 expert ids and the kept probabilities).
+
+    With ``S`` the kept experts of a token, ``g_j = exp(l_j) / sum_{i in S} exp(l_i)`` on ``S`` and 0
+    elsewhere, so ``dL/dl_j = g_j (dL/dg_j - sum_i g_i dL/dg_i)``: the softmax Jacobian over ``S``, which
+    the zero gates off ``S`` extend to every expert (the choice of ``S`` is piecewise constant in ``l``).
+    """
+    return _RoutedGates.apply(logits, top_k)
 
 
 def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
