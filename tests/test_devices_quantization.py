@@ -138,6 +138,42 @@ def test_the_layer_over_a_bitsandbytes_base_equals_the_layer_over_its_dequantise
         assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * float(b.detach().abs().max()))
 
 
+def _input_gradient(model, x):
+    xi = x.clone().requires_grad_(True)
+    model(xi).pow(2).sum().backward()
+    return xi.grad
+
+
+@pytest.mark.parametrize("evaluate_before_wrapping", [False, True])
+def test_4bit_base_layers_pass_the_input_gradient_after_an_evaluation(evaluate_before_wrapping):
+    """An eval-mode, no-grad pass (a zero-shot score) must not leave a 4-bit base layer on bitsandbytes' CPU
+    inference kernel, which has no backward: the adapters before it would lose their gradient through it."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    from moelora.finetune.quantization import quantize_linears
+
+    if evaluate_before_wrapping and not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    quantize_linears(model, "nf4", torch.float32, torch.device("cpu"))
+    x = torch.randn(5, 64)
+    if evaluate_before_wrapping:
+        with torch.no_grad():
+            model.eval()(x)
+        assert getattr(model[1].weight.quant_state, "packing_format_for_cpu", False)  # repacked, no backward
+        model.train()
+    moelora.wrap(model, moelora.MoELoRAConfig(num_experts=4, top_k=2, rank=4, target_modules=["0"]))
+    before = _input_gradient(model, x)
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    after = _input_gradient(model, x)
+    assert after is not None and before is not None and before.abs().max() > 0
+    torch.testing.assert_close(after, before)
+    assert model[0].base_layer.weight.grad is None  # still frozen
+
+
 @pytest.mark.parametrize("scheme,base_class", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_train_on_a_quantised_base_and_load_the_adapter_back(scheme, base_class, tmp_path, capsys, caplog):
     result = Trainer(smoke(tmp_path, f"model.quantization={scheme}"), progress=False).run()

@@ -271,3 +271,67 @@ def test_prompts_go_through_the_processors_chat_template_when_it_has_one(tmp_pat
     assert ((batch["input_ids"] == model.config.image_token_index).sum(dim=1) == 4).all()
     answer = processor.tokenizer.decode([t for t in batch["labels"][0].tolist() if t != -100])
     assert answer == example.answer
+
+
+def write_vmcbench(root, rows_by_split):
+    """VMCBench's public layout: data/<split>-00000-of-00001.parquet, images embedded as the datasets Image
+    feature stores them ({"bytes", "path"})."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        table = []
+        for i, (colour, answer, image) in enumerate(rows):
+            if image is None:
+                buffer = io.BytesIO()
+                Image.new("RGB", (28, 28), colour).save(buffer, format="PNG")
+                image = {"bytes": buffer.getvalue(), "path": f"{split}_{i}.png"}
+            choices = [c for c in ("red", "blue", "green", "white") if c != colour][:3]
+            choices.insert("ABCD".index(answer), colour)
+            table.append({"index": f"{split}{i}", "question": "What colour is the square?",
+                          **dict(zip("ABCD", choices)), "answer": answer, "category": "colour", "image": image})
+        pq.write_table(pa.Table.from_pylist(table), root / "data" / f"{split}-00000-of-00001.parquet")
+
+
+def test_vmcbench_in_its_public_layout(tmp_path):
+    from PIL import Image as PILImage
+
+    root, cache = tmp_path / "VMCBench", tmp_path / "cache"
+    colours = ["red", "blue", "green", "white"]
+    write_vmcbench(root, {"dev": [(colours[i % 4], "ABCD"[i % 4], None) for i in range(24)],
+                          "test": [(colours[i % 4], "DCBA"[i % 4], None) for i in range(6)]})
+    task = load_task("vmcbench", data_dir=root, cache_dir=cache)
+    sizes = task.sizes()
+    assert sizes["train"] + sizes["validation"] == 24 and sizes["validation"] >= 1 and sizes["test"] == 6
+    assert task.info["modality"] == "image" and task.num_labels == 4
+    for example in task.train + task.validation + task.test:
+        assert example.prompt.startswith("<image>") and len(example.options) == 4
+        with PILImage.open(example.image) as image:  # decoded from the parquet file, stored in the cache
+            colour = image.convert("RGB").getpixel((0, 0))
+        right = {(255, 0, 0): "red", (0, 0, 255): "blue", (0, 128, 0): "green", (255, 255, 255): "white"}[colour]
+        assert f"({'ABCD'[example.label]}) {right}\n" in example.prompt.replace(" (", "\n(")  # the answer letter
+    stored = sorted(p.name for p in (cache / "images" / "vmcbench").iterdir())
+    assert len(stored) == 4  # one file per distinct image (named by content), written once
+    load_task("vmcbench", data_dir=root, cache_dir=cache)
+    assert sorted(p.name for p in (cache / "images" / "vmcbench").iterdir()) == stored
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"bytes": b"", "path": None}, r"record 1 \(index dev1\): has no image bytes"),
+    ({"bytes": b"not an image", "path": "x.png"}, r"record 1 \(index dev1\): has an image that Pillow cannot decode"),
+])
+def test_vmcbench_bad_images_name_the_file_and_row(tmp_path, bad, message):
+    root = tmp_path / "VMCBench"
+    write_vmcbench(root, {"dev": [("red", "A", None), ("blue", "B", bad), ("green", "C", None)]})
+    with pytest.raises(MalformedRowError, match=r"dev-00000-of-00001.parquet, " + message):
+        load_task("vmcbench", data_dir=root, cache_dir=tmp_path / "cache")
+
+
+def test_vmcbench_needs_its_files(tmp_path):
+    from moelora.finetune.data import DataError
+
+    with pytest.raises(DataError, match="dev-\\*.parquet"):
+        load_task("vmcbench", data_dir=tmp_path, cache_dir=tmp_path / "cache")

@@ -49,17 +49,17 @@ MODELS = {
     "llava-1.5-7b": {
         "title": "LLaVA-1.5-7B",
         "path": "models/llava-1.5-7b-hf",
-        "targets": r".*language_model\..*self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        # The attention projections of both towers: q/k/v/out_proj in the CLIP vision tower, q/k/v/o_proj
+        # in the language model (moelora.finetune.vision.PAPER_VLM_TARGETS).
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj"],
         "lr": PAPER_LR,
-        "task": "glue:sst2",
-        "data": "data/glue/SST-2",
+        "task": "visual7w",
+        "data": "data/visual7w",
         "grad_accum": 20,
         "notes": [
-            "Adapts the language model's attention projections. The paper also adapted the vision tower's",
-            "q/k/v/out_proj (regex: .*vision_tower\\..*self_attn\\.(q_proj|k_proj|v_proj|out_proj)); with a",
-            "text-only task they would receive no gradient, so they are left out here. The paper's",
-            "vision-language tasks (Visual7W, VMCBench) are not in the data registry; this config runs",
-            "a GLUE task on the language model instead.",
+            "Adapts the attention projections of both towers, as the paper does: q/k/v/out_proj in the",
+            "CLIP vision tower and q/k/v/o_proj in the language model. Visual7W telling QA from its",
+            "public layout; for VMCBench use --set data.task=vmcbench data.path=<folder with its parquet files>.",
         ],
     },
 }

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import MoELoRAConfig
 from .errors import ConfigError
+from .kbit import keep_4bit_layers_differentiable
 from .layers.linear import MoELoRALinear, _is_conv1d
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class _SaveGuard:
 def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the target linear modules of ``model`` by ``MoELoRALinear`` layers, in place.
 
-    Every other parameter is frozen, except those of ``config.modules_to_save``. Adapters are created
+    Every other parameter is frozen, except those of ``config.modules_to_save``; bitsandbytes 4-bit layers
+    are kept differentiable in their input (``moelora.kbit``). Adapters are created
     in float32 (float64 beside a float64 base) unless ``adapter_dtype`` is given. A transformers model's
     ``save_pretrained`` refuses while it is wrapped (use ``moelora.save_adapter``). Returns ``model``.
 
@@ -121,6 +123,7 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
     saved = find_modules_to_save(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_4bit_layers_differentiable(model)  # the adapters' gradients pass back through 4-bit base layers
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     for name in targets:

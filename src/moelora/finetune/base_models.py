@@ -135,15 +135,16 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", random_config: d
     if name == RANDOM_LLAVA:
         from .vision import random_llava
 
-        if quantization != "none":
-            raise ConfigError("model.quantization applies to real bases; random-llava is a tiny test model")
         options = dict(random_config or {})
         unknown = sorted(set(options) - {"hidden_size", "layers", "image_size", "patch_size", "initializer_range"})
         if unknown:
             raise ConfigError(f"model.random_config: unknown random-llava key(s) {unknown}; valid: hidden_size, "
                               f"layers, image_size, patch_size, initializer_range")
         llava, llava_processor = random_llava(seed=seed, **options)
-        return llava.to(device=device, dtype=torch_dtype).eval(), llava_processor if processor else llava_processor.tokenizer
+        llava = llava.to(device=device, dtype=torch_dtype)
+        if quantization != "none":  # both towers and the projector, as transformers quantises a LLaVA
+            quantize_linears(llava, quantization, compute_dtype, device)
+        return llava.eval(), llava_processor if processor else llava_processor.tokenizer
     if name == SMOLLM2:
         folder = smollm2_folder()
     elif name == MINILM:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 
+from .routing import softmax_rows
+
 if TYPE_CHECKING:
     from .linear import MoELoRALinear
 
@@ -96,7 +98,7 @@ def inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs
             logits = torch.mm(tokens.to(adapter_dtype), layer.router.weight.t())
     values, index = logits.float().topk(layer.top_k, dim=-1, sorted=False)  # the order does not matter
     gates = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device)
-    gates.scatter_(1, index, values.softmax(dim=-1).to(h.dtype))
+    gates.scatter_(1, index, softmax_rows(values).to(h.dtype))
     h = h.view(-1, E, layer.rank).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
     if plain and result.dtype == h.dtype:
         result.addmm_(h, b_cat_t, alpha=layer.scaling)  # the base output is a fresh tensor of ours
@@ -114,7 +116,7 @@ def sparse_inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple,
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         tokens = x.reshape(-1, layer.in_features).to(layer.lora_A.dtype)
         values, index = (tokens @ layer.router.weight.t()).float().topk(layer.top_k, dim=-1)
-        weights = values.softmax(dim=-1).to(tokens.dtype)                       # (T, k)
+        weights = softmax_rows(values).to(tokens.dtype)                       # (T, k)
         a = layer.lora_A[index]                                                 # (T, k, r, d_in)
         b = layer.lora_B[index]                                                 # (T, k, d_out, r)
         h = torch.einsum("td,tkrd->tkr", tokens, a) * weights.unsqueeze(-1)     # (T, k, r)

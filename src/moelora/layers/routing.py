@@ -17,6 +17,18 @@ from typing import Any
 import torch
 
 
+def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores, dim=-1)`` for the few columns of routing (``k`` or ``E``) as exp / sum: on CPU
+    PyTorch's softmax over a short last dimension is about 3x slower than these three kernels.
+    Differentiable (out of place) when ``scores`` requires a gradient, with the same values either way."""
+    shifted = scores - scores.amax(dim=-1, keepdim=True)
+    if scores.requires_grad:
+        e = shifted.exp()
+        return e / e.sum(dim=-1, keepdim=True)
+    e = shifted.exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
 def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept experts of each token and their renormalised gates.
 
@@ -30,8 +42,9 @@ def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch
     # The softmax is monotonic, so the top-k probabilities are those of the top-k logits, and renormalising
     # them is a softmax over the kept logits alone (the full softmax's denominator cancels): one (T, k)
     # softmax instead of a (T, E) softmax and a division, in the forward and the backward pass.
-    kept, index = logits.float().topk(top_k, dim=-1)
-    return kept.softmax(dim=-1), index
+    # Unsorted: the gates do not depend on the order of the kept experts, and sorting them costs ~2.5x.
+    kept, index = logits.float().topk(top_k, dim=-1, sorted=False)
+    return softmax_rows(kept), index
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -39,7 +52,7 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     to 1, exactly zero for unselected experts (see ``top_k_routing``)."""
     logits = logits.float()
     if top_k >= logits.shape[-1]:
-        return logits.softmax(dim=-1)
+        return softmax_rows(logits)
     weights, index = top_k_routing(logits, top_k)
     return torch.zeros_like(logits).scatter(-1, index, weights)
 
@@ -49,7 +62,10 @@ class _RoutedGates(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-        return top_k_gates(logits, top_k)
+        if top_k >= logits.shape[-1]:
+            return softmax_rows(logits.float())
+        weights, index = top_k_routing(logits, top_k)
+        return torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter_(-1, index, weights)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -86,6 +102,8 @@ def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
         return gates
     if power == 0.0:
         return (gates > 0).to(gates.dtype)
+    if power == 0.5:
+        return gates.sqrt()  # the paper's setting; a little cheaper than pow
     return gates.pow(power)
 
 
@@ -98,8 +116,8 @@ def expert_load(gates: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(E,)`` float32, summing to 1; ``1 / E`` everywhere under perfectly balanced routing.
     """
-    selected = (gates > 0).float().sum(dim=0)
-    return selected / selected.sum().clamp_min(1.0)
+    selected = torch.count_nonzero(gates, dim=0)
+    return selected / selected.sum().clamp_min(1)
 
 
 def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
@@ -107,8 +125,7 @@ def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
 
     ``0`` when every token uses one expert; ``log(top_k)`` when each spreads evenly over its ``top_k``.
     """
-    g = gates.float()
-    return -(g * g.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(dim=-1).mean()
+    return torch.special.entr(gates.float()).sum() / gates.shape[0]  # entr(g) = -g log g, 0 at g = 0
 
 
 def init_router_(weight: torch.Tensor, scheme: str, std: float = 0.02) -> None:

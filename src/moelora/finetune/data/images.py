@@ -147,3 +147,129 @@ def load_visual7w(
         num_labels=4, answer_format=answer_format, info={"modality": "image", "source": str(path)},
         description=f"Visual7W telling QA from {path}: {len(train)} train, {len(validation)} val, {len(test)} test",
     )
+
+
+# --- VMCBench -------------------------------------------------------------------------------------------
+
+VMC_SPLITS = {"dev": "train", "test": "test"}  # the dataset's split -> ours (validation is carved from dev)
+VMC_CHOICE_COLUMNS = ("A", "B", "C", "D", "E", "F", "G", "H")
+
+
+@register_task("vmcbench")
+def load_vmcbench(
+    name: str = "vmcbench", *, data_dir: str | Path | None = None, answer_format: str = "letter",
+    cache_dir: str | Path | None = None, split_seed: int = DEFAULT_SPLIT_SEED,
+) -> TaskData:
+    """VMCBench in its public layout: ``data_dir`` holds ``dev-*.parquet`` and ``test-*.parquet`` (directly or
+    in ``data/``), one row per question with ``question``, the choices in columns ``A``, ``B``, ``C``,
+    ``D`` (a column that is empty on a row is not a choice of that row), ``answer`` (the right letter),
+    ``image`` (the encoded image, as the ``datasets`` Image feature stores it: ``{"bytes", "path"}``, or
+    raw bytes, or base64 text) and optionally ``index`` and ``category``.
+
+    ``dev`` trains (its validation split carved out by hash) and ``test`` tests. The images are decoded
+    from the files once, checked, and written under ``cache_dir`` (default ``$MOELORA_CACHE``) named by
+    their content hash, so a second load writes nothing. A row with a missing, empty or undecodable image,
+    no question, fewer than two choices or an answer that is not one of its letters is an error naming the
+    file and the row.
+    """
+    from .errors import DataError
+
+    if data_dir is None:
+        raise DataError(f"task {name!r} needs data_dir=<folder with dev-*.parquet and test-*.parquet>")
+    folder = Path(data_dir).expanduser()
+    files = {split: sorted([*folder.glob(f"{split}-*.parquet"), *folder.glob(f"data/{split}-*.parquet")])
+             for split in VMC_SPLITS}
+    if not files["dev"]:
+        from .errors import DataFileNotFoundError
+
+        raise DataFileNotFoundError(folder / "data" / "dev-00000-of-00001.parquet", "VMCBench dev split",
+                                    f"looked for dev-*.parquet in {folder} and {folder / 'data'}")
+    from ..cache import resolve_cache_dir
+
+    image_folder = resolve_cache_dir(cache_dir) / "images" / "vmcbench"
+    splits: dict[str, list[Example]] = {"train": [], "test": []}
+    for split, paths in files.items():
+        for path in paths:
+            splits[VMC_SPLITS[split]].extend(_vmcbench_file(path, image_folder, answer_format))
+    train, validation, test, notes = _assemble(splits["train"], None, splits["test"] or None, split_seed)
+    return TaskData(
+        name=name, kind="multiple_choice", train=train, validation=validation, test=test, metric="accuracy",
+        num_labels=max(len(e.options) for e in train + validation + test), answer_format=answer_format,
+        info={"modality": "image", "source": str(folder)},
+        description=f"VMCBench from {folder}: {len(train)} train, {len(validation)} validation, {len(test)} test"
+                    + (f"; {notes}" if notes else ""),
+    )
+
+
+def _vmcbench_file(path: Path, image_folder: Path, answer_format: str) -> list[Example]:
+    """The examples of one VMCBench parquet file, their images written to ``image_folder``."""
+    from .prompts import mc_example
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading VMCBench's parquet files needs pyarrow: pip install 'moelora[vision]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several error types for a file that is not parquet
+        raise MalformedRowError(f"cannot be read as a parquet file ({err})", path) from None
+    missing = {"question", "answer", "image"} - set(table.column_names)
+    if missing:
+        raise MalformedRowError(f"has no column {sorted(missing)} (columns: {table.column_names})", path)
+    letters = [c for c in VMC_CHOICE_COLUMNS if c in table.column_names]
+    examples = []
+    for number, row in enumerate(table.to_pylist()):
+        where = f"{number}" + (f" (index {row['index']})" if row.get("index") is not None else "")
+        try:
+            choices = [(letter, str(row[letter]).strip()) for letter in letters
+                       if row[letter] is not None and str(row[letter]).strip() and str(row[letter]) != "nan"]
+            question = str(row["question"] or "").strip()
+            if not question:
+                raise MalformedRowError("has no question")
+            if len(choices) < 2:
+                raise MalformedRowError(f"has {len(choices)} choice(s) in columns {letters}; at least 2 are needed")
+            answer = str(row["answer"] or "").strip().upper()
+            kept = [letter for letter, _ in choices]
+            if answer not in kept:
+                raise MalformedRowError(f"answer {row['answer']!r} is not one of its choices {kept}")
+            image = _stored_image(row["image"], image_folder)
+        except MalformedRowError as err:
+            raise err.at(path, record=where) from None
+        uid = str(row.get("index", f"{path.stem}:{number}"))
+        example = mc_example(question, [text for _, text in choices], kept.index(answer), None,
+                             answer_format=answer_format, uid=uid)
+        examples.append(replace(example, prompt=f"{IMAGE_PLACEHOLDER}\n{example.prompt}", image=str(image)))
+    return examples
+
+
+def _stored_image(value: Any, image_folder: Path) -> Path:
+    """Decode one parquet image cell (``{"bytes", "path"}``, bytes or base64 text), check that Pillow reads
+    it, and write it once to ``image_folder/<sha256>.<format>``; the path written."""
+    import base64
+    import binascii
+    import hashlib
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ...atomic import write_bytes_atomic
+
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedRowError("has an image that is text but not base64") from None
+    if not isinstance(data, bytes | bytearray) or not data:
+        raise MalformedRowError("has no image bytes (the image column is empty)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            kind = (image.format or "png").lower()
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise MalformedRowError("has an image that Pillow cannot decode (not an image, or a damaged one)") from None
+    target = image_folder / f"{hashlib.sha256(data).hexdigest()[:32]}.{kind}"
+    if not target.is_file():
+        image_folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, bytes(data))
+    return target
