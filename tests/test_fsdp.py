@@ -191,7 +191,11 @@ def test_training_command_with_fsdp_matches_one_process_and_resumes_exactly(tmp_
         model = moelora.load_adapter(base, tmp_path / run / "adapter").eval()
         with torch.no_grad():
             logits.append(model(input_ids=IDS % 256).logits)
-    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    # Two reduction orders (one process, or two summed by the sharded all-reduce) after 4 AdamW steps, which
+    # divide by sqrt(v) and so carry float32 rounding of small gradients into the update: compare at the
+    # logits' scale (measured: 2e-5 of 0.65), not element by element (meaningless for logits near 0).
+    scale = float(logits[0].abs().max())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.0, atol=1e-4 * scale)
 
 
 def test_a_single_process_started_by_accelerate_launch_says_so(monkeypatch, caplog):
