@@ -335,3 +335,67 @@ def test_vmcbench_needs_its_files(tmp_path):
 
     with pytest.raises(DataError, match="dev-\\*.parquet"):
         load_task("vmcbench", data_dir=tmp_path, cache_dir=tmp_path / "cache")
+
+
+def vision_losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+VISION_FAST = ["eval.zero_shot=false", "train.eval_every=0", "train.steps=6", "train.log_every=1", "data.max_eval=4"]
+
+
+def test_a_vision_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """Checkpoints and resume are unchanged for an image task: the same losses (dropout masks included) and
+    the same adapter as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from moelora.finetune import batching
+    from moelora.finetune.run_config import load_config
+    from moelora.finetune.trainer import Trainer
+
+    monkeypatch.chdir(ROOT)
+    common = [*VISION_FAST, "adapter.dropout=0.1", "train.save_every=3"]
+    Trainer(load_config(SMOKE_VISION, [f"output_dir={tmp_path / 'full'}", *common]), progress=False).run()
+    original = batching.StepBatches.micro_batches
+
+    def killed_at_step_5(self, step, *args):
+        if step == 4:
+            raise KeyboardInterrupt  # after the step-3 checkpoint and one more step
+        return original(self, step, *args)
+
+    monkeypatch.setattr(batching.StepBatches, "micro_batches", killed_at_step_5)
+    resumed = load_config(SMOKE_VISION, [f"output_dir={tmp_path / 'resumed'}", *common])
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(resumed, progress=False).run()
+    monkeypatch.setattr(batching.StepBatches, "micro_batches", original)
+    Trainer(resumed, progress=False).run(resume=True)
+    assert vision_losses(tmp_path / "resumed") == vision_losses(tmp_path / "full")
+    full = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_vision_run_on_two_ddp_processes_matches_one_process(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from moelora.finetune.run_config import load_config
+    from moelora.finetune.trainer import Trainer
+
+    monkeypatch.chdir(ROOT)
+    overrides = [*VISION_FAST, "train.save_every=0", "train.batch_size=8", "train.grad_accum=2", "adapter.dropout=0.0"]
+    Trainer(load_config(SMOKE_VISION, [f"output_dir={tmp_path / 'single'}", *overrides]), progress=False).run()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+         "-m", "moelora", "train", str(SMOKE_VISION), "--no-progress", "--set", f"output_dir={tmp_path / 'ddp'}",
+         *sum((["--set", o] for o in overrides), [])],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = vision_losses(tmp_path / "single"), vision_losses(tmp_path / "ddp")
+    assert one.keys() == two.keys() and len(one) == 6
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["router_by_tower"].keys() == {"vision", "language"}
