@@ -61,16 +61,16 @@ class _RoutedGates(torch.autograd.Function):
     """``top_k_gates`` with a backward that needs the gates alone (see ``routed_gates``)."""
 
     @staticmethod
-    def forward(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+        # forward(ctx, ...): Function.apply then skips binding the arguments through inspect.signature.
         if top_k >= logits.shape[-1]:
-            return softmax_rows(logits.float())
-        weights, index = top_k_routing(logits, top_k)
-        return torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter_(-1, index, weights)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.save_for_backward(output)
-        ctx.logits_dtype = inputs[0].dtype
+            gates = softmax_rows(logits.float())
+        else:
+            weights, index = top_k_routing(logits, top_k)
+            gates = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter_(-1, index, weights)
+        ctx.save_for_backward(gates)
+        ctx.logits_dtype = logits.dtype
+        return gates
 
     @staticmethod
     def backward(ctx: Any, grad_gates: torch.Tensor):
