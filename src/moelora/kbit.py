@@ -7,6 +7,8 @@ zero-shot score), and keeps that layout: from then on its training forward runs 
 which has no backward, and the input gradient through the layer is silently lost (bitsandbytes 0.50;
 autograd only warns). ``keep_4bit_layers_differentiable`` turns the repacking off and undoes it where it
 already happened; ``moelora.wrap`` calls it, so a wrapped model trains correctly whatever ran before.
+The price is bitsandbytes' faster CPU inference kernel for the wrapped model's 4-bit layers (GPUs do
+not use it).
 """
 
 from __future__ import annotations
