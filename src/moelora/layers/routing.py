@@ -20,9 +20,9 @@ import torch
 def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """``softmax(scores, dim=-1)`` for the few columns of routing (``k`` or ``E``) as exp / sum: on CPU
     PyTorch's softmax over a short last dimension is about 3x slower than these three kernels.
-    Differentiable (out of place) when ``scores`` requires a gradient, with the same values either way."""
+    Differentiable (out of place) when autograd records ``scores``, with the same values either way."""
     shifted = scores - scores.amax(dim=-1, keepdim=True)
-    if scores.requires_grad:
+    if scores.requires_grad and torch.is_grad_enabled():
         e = shifted.exp()
         return e / e.sum(dim=-1, keepdim=True)
     e = shifted.exp_()
@@ -63,11 +63,7 @@ class _RoutedGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, top_k: int) -> torch.Tensor:
         # forward(ctx, ...): Function.apply then skips binding the arguments through inspect.signature.
-        if top_k >= logits.shape[-1]:
-            gates = softmax_rows(logits.float())
-        else:
-            weights, index = top_k_routing(logits, top_k)
-            gates = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter_(-1, index, weights)
+        gates = top_k_gates(logits, top_k)
         ctx.save_for_backward(gates)
         ctx.logits_dtype = logits.dtype
         return gates
