@@ -358,21 +358,40 @@ def test_top_k_gates_match_the_definition_with_gradients(top_k):
 
 @pytest.mark.parametrize("top_k", [1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_routed_gates_equal_top_k_gates_with_a_backward_from_the_gates_alone(top_k, dtype):
-    """The layer's routing Function (softmax Jacobian over the kept experts) against autograd through
-    top_k_gates' topk, softmax and scatter: the same gates, the same logit gradient."""
-    from moelora.layers.routing import routed_gates, top_k_gates
+def test_router_backward_from_the_gates_alone_equals_autograd_through_top_k_gates(top_k, dtype):
+    """The layer's routing backward (softmax Jacobian over the kept experts, from the gates alone) against
+    autograd through top_k_gates' topk, softmax and scatter; and route_top_k's kept gates and experts are
+    those the dense gates are scattered from."""
+    from moelora.layers.routing import route_top_k, router_backward, top_k_gates
 
     logits = torch.randn(40, 5, generator=torch.Generator().manual_seed(4)).to(dtype)
     upstream = torch.randn(40, 5, generator=torch.Generator().manual_seed(5))
-    fast, slow = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    got, want = routed_gates(fast, top_k), top_k_gates(slow, top_k)
-    assert torch.equal(got, want)
-    (got * upstream).sum().backward()
+    slow = logits.clone().requires_grad_(True)
+    want = top_k_gates(slow, top_k)
     (want * upstream).sum().backward()
-    assert fast.grad.dtype == dtype
-    torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-6, atol=1e-7)
+    gates, weights, index = route_top_k(logits, top_k)
+    assert torch.equal(gates, want) and gates.dtype == torch.float32
+    assert weights.shape == index.shape == (40, top_k)
+    assert torch.equal(torch.zeros_like(gates).scatter_(-1, index, weights), gates)
+    got = router_backward(gates, upstream)
+    torch.testing.assert_close(got.to(dtype), slow.grad, rtol=1e-6, atol=1e-7)
     assert top_k == 1 or slow.grad.abs().max() > 1e-3
+
+
+def test_router_statistics_from_the_kept_gates_equal_those_of_the_dense_gates():
+    """routing_statistics from the (T, top_k) kept gates against the definitions on the dense (T, E) gates,
+    including a token whose kept gate underflows to zero (still an assignment)."""
+    from moelora.layers.routing import route_top_k, routing_statistics
+
+    logits = torch.randn(64, 7, generator=torch.Generator().manual_seed(6))
+    logits[0] = torch.tensor([0.0, -200.0, -300.0, -400.0, -500.0, -600.0, -700.0])
+    gates, weights, index = route_top_k(logits, 3)
+    assert gates[0, 1] == 0  # kept, but exp(-200) is 0 in float32
+    sq_sum, counts, entropy_sum = routing_statistics(weights, index, 7)
+    assert_rel_close(sq_sum, gates.square().sum(0))
+    assert torch.equal(counts, torch.zeros(64, 7).scatter_(-1, index, 1.0).sum(0).long())
+    entropy = -(gates * gates.clamp_min(1e-30).log()).sum()
+    assert entropy_sum.item() == pytest.approx(entropy.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

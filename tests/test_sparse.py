@@ -49,8 +49,9 @@ def test_sparse_matches_dense_forward_and_gradients(power, dropout):
     for got, want in zip(run(sparse, x, upstream), run(dense, x, upstream)):
         assert got.shape == want.shape
         assert_close(got, want)
-    assert torch.equal(sparse.gate_sq_sum, dense.gate_sq_sum)
-    assert torch.allclose(sparse.expert_load, dense.expert_load)
+    # The same gates, summed in another order (the dense form's CPU kernel adds them up in float64).
+    torch.testing.assert_close(sparse.gate_sq_sum, dense.gate_sq_sum, rtol=1e-6, atol=0)
+    assert torch.equal(sparse.expert_load, dense.expert_load)
     assert torch.allclose(sparse.gate_entropy, dense.gate_entropy)
 
 

@@ -2,10 +2,10 @@
 
     y = W x + s * sum_i g_i(x) B_i A_i drop(x)            s = alpha / r
 
-computed in the dense stacked form: one autograd Function for everything that reads ``x`` (the base map
-when it is a plain ``nn.Linear``, the experts' down-projections and the router; ``InputProjection``) and
-one for the gated mix of the experts' outputs (``GatedExpertMix``), which applies the backward gate power
-``p`` of the paper's engineering strategy.
+computed in the dense stacked form, one autograd Function for the whole training path
+(``moelora.layers.dense.DenseMoELoRA``, which applies the backward gate power ``p`` of the paper's
+engineering strategy), in the sparse form for few active experts per token (``moelora.layers.sparse``),
+or, in eval mode without gradients, on the inference path (``moelora.layers.inference``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from torch import nn
 
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
+from .dense import DenseMoELoRA, MixSpec
 from .dropout import DropoutMask, draw_mask, keep_probability, keep_values, mask_values
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
-from .projection import InputProjection
-from .routing import expert_load, gate_entropy, gate_power, init_router_, routed_gates, top_k_routing
+from .routing import init_router_, routing_statistics, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
 
 # Every MoE-LoRA layer alive in this process. The optimizers find which layer owns a parameter, and whether
@@ -34,72 +34,6 @@ from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_proble
 _LIVE_LAYERS: weakref.WeakSet[MoELoRALinear] = weakref.WeakSet()
 
 SIDE_A, SIDE_B, SIDE_ROUTER = "A", "B", "router"
-
-
-def _b_cat(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``B`` (E, d_out, r) as ``B_cat`` (d_out, E*r) in ``dtype``: column block ``i`` is ``B_i``."""
-    return lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).to(dtype)
-
-
-class GatedExpertMix(torch.autograd.Function):
-    """``out = s * (h * G) @ B_cat^T`` whose backward gives the experts ``G^p`` instead of ``G``.
-
-    Shapes: ``h`` (T, E*r) = expert projections ``A_cat (x * m)`` (dropout's ``1/q`` is in ``s``);
-    ``gates`` (T, E); ``B`` (E, d_out, r), used as ``B_cat`` (d_out, E*r) with column block ``i`` equal
-    to ``B_i``, in ``h``'s dtype (built again in the backward pass rather than kept: the layer saves no
-    copy of a parameter); ``G`` is each gate repeated over its expert's ``r`` columns.
-    An optional ``base`` (T, d_out) is added to the output inside the GEMM (``addmm``); with
-    ``base_inplace`` the GEMM accumulates into ``base`` itself (which the caller must own: no other use).
-
-    Backward (method.md section 3), with ``d = dL/dout`` (T, d_out):
-
-        dz      = d @ B_cat                         (T, E*r)    GEMM
-        dB_cat  = s * d^T @ (h * G^p)               (d_out, E*r) GEMM
-        dh      = s * dz * G^p                      (T, E*r)
-        dgates  = s * sum over each expert's r columns of dz * h        (T, E)
-
-    The router receives the exact gradient of the forward value; the expert parameters (through
-    ``dB_cat`` and, via ``dh``, ``A``) and the layer input (via ``dh``) receive it with ``G^p``.
-    Same GEMM count as the plain layer.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, gates: torch.Tensor, lora_b: torch.Tensor, scaling: float, power: float,
-                base: torch.Tensor | None = None, base_inplace: bool = False):
-        # forward(ctx, ...) rather than setup_context: Function.apply then skips binding the arguments
-        # through inspect.signature, about 70 us per call, a sizeable part of a small layer's time.
-        ctx.save_for_backward(h, gates, lora_b)
-        ctx.scaling, ctx.power, ctx.has_base = scaling, power, base is not None
-        tokens, num_experts = gates.shape
-        b_cat = _b_cat(lora_b, h.dtype)
-        z = (h.view(tokens, num_experts, -1) * (gates * scaling).unsqueeze(-1)).view(tokens, -1)
-        if base is None:
-            return z @ b_cat.t()
-        if base_inplace:
-            ctx.mark_dirty(base)
-            base.addmm_(z, b_cat.t())  # no copy of base: saves a pass over (T, d_out)
-            return base
-        return torch.addmm(base, z, b_cat.t())  # base + z B^T in one kernel: saves a pass over (T, d_out)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):
-        h, gates, lora_b = ctx.saved_tensors
-        b_cat = _b_cat(lora_b, h.dtype)
-        tokens, num_experts = gates.shape
-        h3 = h.view(tokens, num_experts, -1)
-        grad_h = grad_gates = grad_b = None
-        scaled_gp = (gate_power(gates, ctx.power) * ctx.scaling).unsqueeze(-1)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dz = (grad_out @ b_cat).view(tokens, num_experts, -1)
-            if ctx.needs_input_grad[0]:
-                grad_h = (dz * scaled_gp).view(tokens, -1)
-            if ctx.needs_input_grad[1]:
-                grad_gates = (dz * h3).sum(-1) * ctx.scaling
-        if ctx.needs_input_grad[2]:
-            grad_b_cat = grad_out.t() @ (h3 * scaled_gp).view(tokens, -1)  # (d_out, E*r)
-            grad_b = grad_b_cat.view(lora_b.shape[1], num_experts, -1).transpose(0, 1).to(lora_b.dtype)
-        grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[5] else None
-        return grad_h, grad_gates, grad_b, None, None, grad_base, None
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -260,25 +194,17 @@ class MoELoRALinear(nn.Module):
         _LIVE_LAYERS.add(self)
 
     # ---------------------------------------------------------------------------------------- compute
-    def route(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(T, E)`` router logits -> ``(T, E)`` float32 renormalised top-k gates.
-
-        Records the gate statistics (training with grad enabled) and the diagnostics as a side effect.
-        """
-        gates = routed_gates(logits, self.top_k)
-        self._record_gates(gates.detach())
-        return gates
-
-    def _record_gates(self, gates: torch.Tensor) -> None:
-        """Gate statistics and diagnostics from the detached dense ``(T, E)`` gates of a forward pass."""
+    def _record_routing(self, stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tokens: int) -> None:
+        """Gate statistics and diagnostics from a forward pass's ``routing_statistics``."""
         record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
+        sq_sum, counts, entropy_sum = stats
         with torch.no_grad():
             if record:
-                self.gate_sq_sum.add_(gates.square().sum(dim=0))
-                self.gate_token_count.add_(gates.shape[0])
+                self.gate_sq_sum.add_(sq_sum)
+                self.gate_token_count.add_(tokens)
             if self.track_router_stats:
-                self.expert_load.copy_(expert_load(gates))
-                self.gate_entropy.copy_(gate_entropy(gates))
+                self.expert_load.copy_(counts / counts.sum().clamp_min(1))
+                self.gate_entropy.copy_(entropy_sum / max(tokens, 1))
 
     def uses_sparse(self, tokens: torch.Tensor | None = None) -> bool:
         """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.layers.sparse``)."""
@@ -318,40 +244,36 @@ class MoELoRALinear(nn.Module):
 
     def _forward_dense(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
                        scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Every expert on every token: ``InputProjection`` then ``GatedExpertMix``, ``(T, d_out)``.
+        """Every expert on every token (``DenseMoELoRA``), ``(T, d_out)``.
 
         Under ``torch.autocast`` the experts compute in the autocast dtype with every operand cast
-        explicitly (autocast does not cast inside autograd Functions, nor the operands of in-place ops),
-        while the parameters, and so their gradients, stay in their own (float32) dtype. The router stays
-        in the adapter's dtype, as mixture-of-experts models usually keep it: bf16 logits would flip the
-        top-k choice of near-tied experts (at E=20, top_k=10 that moved the expert gradients by 4 %).
+        explicitly (autocast does not cast inside autograd Functions), while the parameters, and so their
+        gradients, stay in their own (float32) dtype. The router stays in the adapter's dtype, as
+        mixture-of-experts models usually keep it: bf16 logits would flip the top-k choice of near-tied
+        experts (at E=20, top_k=10 that moved the expert gradients by 4 %).
         """
         compute = autocast_dtype(tokens.device.type)
         fused = not args and not kwargs and self._base_is_fusable(tokens, compute)
+        base_out = None
         if not fused:  # the base module's own forward, under the caller's autocast state
-            result = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
+            base_out = self.base_layer(x, *args, **kwargs).reshape(-1, self.out_features)
         dtype = compute or self.lora_A.dtype
+        router = self.router.weight
         with torch.autocast(tokens.device.type, enabled=False) if compute is not None else contextlib.nullcontext():
-            # Under autocast the router's logits are computed apart, in the adapter's dtype; the projection
-            # then carries an empty router (no rows).
-            router = self.router.weight if compute is None else self.router.weight[:0].to(dtype)
+            router_input = tokens.to(router.dtype) if router.dtype != dtype else None
+            weight = bias = None
             if fused:
-                base = self.base_layer
-                assert isinstance(base, nn.Linear)
-                bias = None if base.bias is None else base.bias.to(dtype)
-                result, h, logits = InputProjection.apply(tokens.to(dtype), base.weight, bias, self.lora_A,
-                                                          router, mask)
-            else:
-                h, logits = InputProjection.apply(tokens.to(dtype), None, None, self.lora_A, router, mask)
-            if compute is not None:
-                adapter_dtype = self.router.weight.dtype
-                logits = tokens.to(adapter_dtype) @ self.router.weight.t()
-            gates = self.route(logits).to(dtype)
-            if result.dtype == dtype:
-                # The fused base output is a fresh tensor of ours: the experts' GEMM accumulates into it.
-                return GatedExpertMix.apply(h, gates, self.lora_B, scaling, self.gate_backward_power, result, fused)
-            delta = GatedExpertMix.apply(h, gates, self.lora_B, scaling, self.gate_backward_power)
-        return result + delta.to(result.dtype)
+                assert isinstance(self.base_layer, nn.Linear)
+                weight, bias = self.base_layer.weight, self.base_layer.bias
+            # The experts' output goes into the base output inside a GEMM when the dtypes agree.
+            into_base = base_out if base_out is not None and base_out.dtype == dtype else None
+            out, *stats = DenseMoELoRA.apply(
+                tokens.to(dtype), weight, bias, self.lora_A, router, self.lora_B, router_input, into_base, mask,
+                MixSpec(scaling, self.gate_backward_power, self.top_k))
+        self._record_routing(tuple(stats), tokens.shape[0])
+        if base_out is not None and into_base is None:
+            return base_out + out.to(base_out.dtype)
+        return out
 
     def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
                         scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -365,7 +287,7 @@ class MoELoRALinear(nn.Module):
             adapter_in = tokens.to(self.lora_A.dtype)
             logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
             weights, index = top_k_routing(logits, self.top_k)
-            self._record_gates(torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index, weights.detach()))
+            self._record_routing(routing_statistics(weights.detach(), index, self.num_experts), tokens.shape[0])
             keep = keep_values(mask)
             expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
             outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
@@ -373,7 +295,7 @@ class MoELoRALinear(nn.Module):
         return result.index_add(0, token_of, outputs.to(result.dtype))
 
     def _base_is_fusable(self, tokens: torch.Tensor, compute: torch.dtype | None = None) -> bool:
-        """Whether ``InputProjection`` may compute the base map itself: a plain ``nn.Linear`` (no subclass,
+        """Whether ``DenseMoELoRA`` may compute the base map itself: a plain ``nn.Linear`` (no subclass,
         hook or patched ``forward``, which could change what it computes) with a plain floating-point weight
         (not a quantised tensor subclass), of the adapter's dtype (any float dtype under autocast, where
         every operand is cast to the autocast dtype)."""

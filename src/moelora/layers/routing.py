@@ -12,7 +12,6 @@ A router is a bias-free linear map ``R`` (``E x d_in``). For tokens ``x`` (``T x
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -50,42 +49,33 @@ def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Renormalised top-k softmax gates as a dense ``(T, E)`` float32 tensor: non-negative, rows summing
     to 1, exactly zero for unselected experts (see ``top_k_routing``)."""
+    return route_top_k(logits, top_k)[0]
+
+
+def route_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gates, weights, index)``: the dense ``(T, E)`` float32 gates of ``top_k_gates`` and the kept
+    ``(T, top_k)`` float32 gates and expert ids they are scattered from (``top_k_routing``), for statistics."""
     logits = logits.float()
-    if top_k >= logits.shape[-1]:
-        return softmax_rows(logits)
+    tokens, num_experts = logits.shape
+    if top_k >= num_experts:
+        gates = softmax_rows(logits)
+        return gates, gates, torch.arange(num_experts, device=logits.device).expand(tokens, num_experts)
     weights, index = top_k_routing(logits, top_k)
-    return torch.zeros_like(logits).scatter(-1, index, weights)
+    return logits.new_zeros(tokens, num_experts).scatter_(-1, index, weights), weights, index
 
 
-class _RoutedGates(torch.autograd.Function):
-    """``top_k_gates`` with a backward that needs the gates alone (see ``routed_gates``)."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, top_k: int) -> torch.Tensor:
-        # forward(ctx, ...): Function.apply then skips binding the arguments through inspect.signature.
-        gates = top_k_gates(logits, top_k)
-        ctx.save_for_backward(gates)
-        ctx.logits_dtype = logits.dtype
-        return gates
-
-    @staticmethod
-    def backward(ctx: Any, grad_gates: torch.Tensor):
-        (gates,) = ctx.saved_tensors
-        grad_gates = grad_gates.float()
-        inner = (gates * grad_gates).sum(dim=-1, keepdim=True)
-        return (gates * (grad_gates - inner)).to(ctx.logits_dtype), None
-
-
-def routed_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``top_k_gates(logits, top_k)``, differentiable in ``logits`` with a backward that keeps only the
-    ``(T, E)`` gates, which the layer keeps anyway (autograd over ``topk``, ``softmax`` and ``scatter``
-    would also keep the ``(T, k)`` int64 expert ids and the kept probabilities).
+def router_backward(gates: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+    """``dL/dlogits`` (T, E) float32 of ``top_k_gates`` from its output ``gates`` and ``dL/dgates`` alone.
 
     With ``S`` the kept experts of a token, ``g_j = exp(l_j) / sum_{i in S} exp(l_i)`` on ``S`` and 0
     elsewhere, so ``dL/dl_j = g_j (dL/dg_j - sum_i g_i dL/dg_i)``: the softmax Jacobian over ``S``, which
     the zero gates off ``S`` extend to every expert (the choice of ``S`` is piecewise constant in ``l``).
+    Autograd through ``topk``, the softmax and ``scatter`` would also keep the ``(T, k)`` int64 expert
+    ids and the kept probabilities.
     """
-    return _RoutedGates.apply(logits, top_k)
+    grad_gates = grad_gates.float()
+    inner = (gates * grad_gates).sum(dim=-1, keepdim=True)
+    return gates * (grad_gates - inner)
 
 
 def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
@@ -103,25 +93,27 @@ def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
     return gates.pow(power)
 
 
-def expert_load(gates: torch.Tensor) -> torch.Tensor:
-    """Fraction of token-to-expert assignments that go to each expert.
+def routing_statistics(weights: torch.Tensor, index: torch.Tensor,
+                       num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the layer records of a forward pass, from the kept gates ``weights`` and experts ``index``
+    (both ``(T, top_k)``, ``top_k_routing``):
 
-    Args:
-        gates: ``(T, E)`` gates, zero for unselected experts.
+    - ``sq_sum`` ``(E,)`` float32: ``sum_t g_te^2`` (the gate-rescaled preconditioner's statistic);
+    - ``counts`` ``(E,)`` int64: token-to-expert assignments per expert (the expert load is
+      ``counts / counts.sum()``, ``1 / E`` everywhere under perfectly balanced routing);
+    - ``entropy_sum`` ``()`` float32: the sum over tokens of the entropy (nats) of each token's gates.
 
-    Returns:
-        ``(E,)`` float32, summing to 1; ``1 / E`` everywhere under perfectly balanced routing.
+    On a CPU the squares are added into their experts' slots (``index_add_``, in order); elsewhere, where
+    that runs on atomics in no fixed order, through the dense gates, so that the sum is reproducible.
     """
-    selected = torch.count_nonzero(gates, dim=0)
-    return selected / selected.sum().clamp_min(1)
-
-
-def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the entropy (nats) of each token's gate distribution.
-
-    ``0`` when every token uses one expert; ``log(top_k)`` when each spreads evenly over its ``top_k``.
-    """
-    return torch.special.entr(gates.float()).sum() / gates.shape[0]  # entr(g) = -g log g, 0 at g = 0
+    weights = weights.float()
+    squares = weights.square()
+    if index.device.type == "cpu":
+        sq_sum = squares.new_zeros(num_experts).index_add_(0, index.reshape(-1), squares.reshape(-1))
+    else:
+        sq_sum = squares.new_zeros(weights.shape[0], num_experts).scatter_(-1, index, squares).sum(dim=0)
+    counts = torch.bincount(index.reshape(-1), minlength=num_experts)
+    return sq_sum, counts, torch.special.entr(weights).sum()  # entr(g) = -g log g, 0 at g = 0
 
 
 def init_router_(weight: torch.Tensor, scheme: str, std: float = 0.02) -> None:

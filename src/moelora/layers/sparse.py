@@ -1,6 +1,6 @@
 """The sparse (grouped) expert computation, for few active experts per token.
 
-The dense form (``GatedExpertMix``) computes every expert on every token, ``T * E * r`` columns, and
+The dense form (``moelora.layers.dense``) computes every expert on every token, ``T * E * r`` columns, and
 zeroes the unselected ones through their gates. With ``top_k << E`` most of that work is thrown away.
 The sparse form computes only the ``P = T * top_k`` selected (token, expert) pairs: the pairs are sorted
 by expert, so each expert's tokens are one contiguous block of rows, and each expert's two GEMMs run as
@@ -14,7 +14,7 @@ one grouped GEMM (``torch._grouped_mm``, one call for all experts) over those bl
 
 ``SparseGatedMix`` is the second grouped GEMM with the backward gate power ``p`` of the paper's
 engineering strategy (method.md): the expert weights and inputs receive ``g^p`` in place of ``g``, the
-router the exact gradient, as in the dense ``GatedExpertMix``:
+router the exact gradient, as in the dense form:
 
     dz    = dy_p B_e                   (P, r)        grouped
     dB_e  = s dy_p^T (h_p g_p^p)       (E, d_out, r) grouped over the rows (K) of each block

@@ -1,0 +1,154 @@
+"""Compiled CPU kernels for the dense layer's small per-token work: routing and the gate products (``gates.c``).
+
+On a CPU the layer's routing (top-k, softmax, scatter, statistics) and gate products (the gated
+projections, the backward gate power, the per-expert sums, the router's softmax Jacobian) are about twenty
+PyTorch kernels on ``(T, E)`` and ``(T, E*r)`` tensors per forward and backward pass, each paying a fixed
+cost of tens of microseconds; ``gates.c`` does each half in one pass over the tokens.
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
+cache (``$XDG_CACHE_HOME/moelora`` or ``~/.cache/moelora``; the file name holds a hash of the source
+and the compiler command), written atomically, and loaded with ``ctypes``. Where there is no compiler or
+the build fails, the layer computes the same arithmetic with PyTorch ops (``moelora.layers.dense``),
+after one warning. ``MOELORA_CPU_KERNELS=0`` turns the kernels off. They serve float32 CPU tensors only,
+outside ``torch.compile`` (which fuses the PyTorch ops itself); everything else takes the PyTorch ops.
+
+The kernels and the PyTorch ops agree to float32 rounding (``tests/test_kernels.py``), with one
+difference: among exactly tied logits the kernel keeps the lower expert indices, where ``torch.topk``'s
+choice is its own (on a CPU the higher ones). Ties matter only for a router initialised to zeros,
+whose first step then routes every token to one fixed set of ``top_k`` experts on either path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("gates.c")
+_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
+MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # the kernels' scratch arrays: E, and E * r
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_loaded = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "moelora"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path, building it first when the cache does not hold it."""
+    source = _SOURCE.read_bytes()
+    command = [compiler, *_FLAGS]
+    digest = hashlib.sha256(source + "\0".join(command).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gates-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle, scratch = tempfile.mkstemp(dir=target.parent, prefix=".gates-", suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run([*command, "-o", scratch, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(scratch, target)  # atomic: concurrent builders (e.g. the ranks of one job) all end with one file
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _loaded
+    with _lock:
+        if _loaded:
+            return _library
+        _loaded = True
+        if os.environ.get("MOELORA_CPU_KERNELS", "1") == "0":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing and gate products "
+                          "run as PyTorch ops on the CPU (same results, slower)", stacklevel=3)
+            return None
+        try:
+            library = ctypes.CDLL(str(_build(compiler)))
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            warnings.warn(f"moelora: building the CPU gate kernels failed ({error}; {detail.decode(errors='replace')[-500:]}); "
+                          "the layer's routing and gate products run as PyTorch ops (same results, slower)", stacklevel=3)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        library.moelora_route_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        library.moelora_route_f32.restype = None
+        library.moelora_gate_backward_f32.argtypes = [i64, i64, i64, ctypes.c_double, ptr, ptr, i64, ptr, ptr, i64,
+                                                      ptr, ptr, i64]
+        library.moelora_gate_backward_f32.restype = None
+        _library = library
+        return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them on the first call)."""
+    return _load() is not None
+
+
+def _rows(tensor: torch.Tensor) -> bool:
+    """A 2-d CPU float32 tensor whose rows are contiguous (any row stride)."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.dim() == 2
+            and tensor.stride(1) == 1)
+
+
+def applies(logits: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the kernels serve a layer whose router logits and expert projections are these tensors."""
+    return (_rows(logits) and _rows(h) and logits.shape[1] <= MAX_EXPERTS and h.shape[1] <= MAX_COLUMNS
+            and not torch.compiler.is_compiling() and _load() is not None)
+
+
+def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """``(gates, z, (sq_sum, counts, entropy_sum))`` of ``moelora.layers.dense.route_and_gate``.
+
+    ``logits`` (T, E) and ``h`` (T, E*r), float32 with contiguous rows; ``gates`` (T, E) and
+    ``z = h * gates`` repeated over each expert's ``r`` columns (T, E*r) are new contiguous tensors.
+    """
+    library = _load()
+    assert library is not None and applies(logits, h)
+    tokens, num_experts = logits.shape
+    rank = h.shape[1] // num_experts
+    gates = logits.new_empty(tokens, num_experts)
+    z = h.new_empty(tokens, num_experts * rank)
+    sq_sum = torch.zeros(num_experts, dtype=torch.float64)
+    counts = torch.zeros(num_experts, dtype=torch.int64)
+    entropy = torch.zeros(1, dtype=torch.float64)
+    library.moelora_route_f32(tokens, num_experts, rank, top_k, logits.data_ptr(), logits.stride(0), h.data_ptr(),
+                              h.stride(0), gates.data_ptr(), z.data_ptr(), sq_sum.data_ptr(), counts.data_ptr(),
+                              entropy.data_ptr())
+    return gates, z, (sq_sum.float(), counts, entropy.float()[0])
+
+
+def gate_backward(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, power: float,
+                  grad_h: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+    """Writes ``grad_h`` (T, E*r) and ``grad_logits`` (T, E) and returns ``h * G^p`` (T, E*r), as
+    ``moelora.layers.dense.gate_products`` computes them."""
+    library = _load()
+    assert library is not None
+    tokens, num_experts = gates.shape
+    rank = h.shape[1] // num_experts
+    scaled_dz = scaled_dz.contiguous()
+    gates = gates.contiguous()
+    for tensor in (scaled_dz, h, gates, grad_h, grad_logits):
+        if not _rows(tensor):
+            raise ValueError("gate_backward takes float32 CPU tensors with contiguous rows")
+    hgp = h.new_empty(tokens, num_experts * rank)
+    library.moelora_gate_backward_f32(tokens, num_experts, rank, float(power), scaled_dz.data_ptr(), h.data_ptr(),
+                                      h.stride(0), gates.data_ptr(), grad_h.data_ptr(), grad_h.stride(0),
+                                      hgp.data_ptr(), grad_logits.data_ptr(), grad_logits.stride(0))
+    return hgp

@@ -1,0 +1,168 @@
+/* CPU kernels for the small per-token work of the dense MoE-LoRA layer: routing and the gate products.
+ *
+ * On a CPU each PyTorch kernel over a (T, E) or (T, E*r) tensor costs tens of microseconds whatever its
+ * size (dispatch, a parallel region, a pass over memory), and the layer's routing and gate products take
+ * about twenty of them per forward and backward pass. These two functions do the same arithmetic in one
+ * pass over the tokens each. Single-threaded on purpose: the work is a few hundred thousand flops, less
+ * than waking a thread pool costs. Float32; strides are in elements; every (T, ...) array has unit
+ * column stride. moelora.layers.kernels builds and loads this file; moelora.layers.dense holds the
+ * PyTorch reference. Built with -fno-trapping-math (the selects below vectorise only without FP traps)
+ * and -fopenmp-simd (the simd pragmas, no OpenMP runtime).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_EXPERTS 1024 /* moelora.layers.kernels.MAX_EXPERTS */
+#define MAX_COLUMNS 65536 /* moelora.layers.kernels.MAX_COLUMNS: E * r */
+
+#define LANES 16 /* tokens ranked together, one per vector lane */
+
+/* keep[j * LANES + q] = whether expert j is among the top_k largest logits of token q of the block
+ * (ties broken towards the lower expert index): expert j is kept when fewer than top_k experts rank
+ * above it, else 0. The E x E comparisons run across the block's tokens, so they vectorise. */
+static void keep_top_k(const float *lt, int64_t E, int64_t top_k, float *keep) {
+    for (int64_t j = 0; j < E; j++) {
+        const float *lj = lt + j * LANES;
+        int32_t above[LANES] = {0};
+        for (int64_t i = 0; i < j; i++) {
+            const float *li = lt + i * LANES;
+            for (int q = 0; q < LANES; q++) above[q] += li[q] >= lj[q];
+        }
+        for (int64_t i = j + 1; i < E; i++) {
+            const float *li = lt + i * LANES;
+            for (int q = 0; q < LANES; q++) above[q] += li[q] > lj[q];
+        }
+        for (int q = 0; q < LANES; q++) keep[j * LANES + q] = above[q] < top_k ? 1.0f : 0.0f;
+    }
+}
+
+/* exp(x) for x <= 0 in a form the compiler vectorises (libm's expf is a call per element): x = n ln2 + f
+ * with |f| <= ln2 / 2, a degree-7 Taylor-Horner polynomial for exp(f) (relative error below 3e-8 on that
+ * range) and 2^n from the exponent bits, in two factors so that results below the normal range come out
+ * as the subnormals they are; 0 below exp's float range. */
+#pragma omp declare simd
+static inline float exp_nonpositive(float x) {
+    const float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float xc = x < -104.0f ? -104.0f : x;
+    float n = (xc * log2e + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    float f = (xc - n * ln2_hi) - n * ln2_lo;
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+    union { int32_t i; float f; } s1 = {(n1 + 127) << 23}, s2 = {(n2 + 127) << 23};
+    return x < -104.0f ? 0.0f : p * s1.f * s2.f;
+}
+
+/* Forward routing and the gated expert projections of T tokens.
+ *   logits (T, E) row stride ls; h (T, E*r) row stride hs
+ *   gates (T, E): renormalised softmax over each token's kept experts, 0 elsewhere
+ *   z (T, E*r) = h * gates repeated over each expert's r columns
+ *   sq_sum (E,) += sum_t gates^2; counts (E,) += kept assignments; entropy[0] += sum_t entropy of gates_t
+ * Tokens go LANES at a time through (E, LANES) tiles, every loop running across the tile's tokens, so that
+ * it vectorises and has no data-dependent branch (which experts a token keeps is unpredictable). The top-1
+ * expert is always kept, so the kept maximum is the maximum. A token's entropy is
+ * log(sum) - sum_j g_j (l_j - top) over its kept experts: one logarithm per token.
+ */
+void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
+                       const float *logits, int64_t ls, const float *h, int64_t hs,
+                       float *gates, float *z, double *sq_sum, int64_t *counts, double *entropy) {
+    static _Thread_local float lt[MAX_EXPERTS * LANES], gt[MAX_EXPERTS * LANES];
+    static _Thread_local float keep[MAX_EXPERTS * LANES];
+    double ent = 0.0;
+    for (int64_t t0 = 0; t0 < T; t0 += LANES) {
+        int64_t n = T - t0 < LANES ? T - t0 : LANES;
+        float valid[LANES], top[LANES], denom[LANES], spread[LANES];
+        for (int q = 0; q < LANES; q++) valid[q] = q < n ? 1.0f : 0.0f;
+        for (int64_t j = 0; j < E; j++)
+            for (int q = 0; q < LANES; q++)
+                lt[j * LANES + q] = q < n ? logits[(t0 + q) * ls + j] : 0.0f;
+        keep_top_k(lt, E, top_k, keep);
+        for (int q = 0; q < LANES; q++) top[q] = lt[q], denom[q] = 0.0f, spread[q] = 0.0f;
+        for (int64_t j = 1; j < E; j++)
+            for (int q = 0; q < LANES; q++) top[q] = lt[j * LANES + q] > top[q] ? lt[j * LANES + q] : top[q];
+        for (int64_t j = 0; j < E; j++) {
+#pragma omp simd
+            for (int q = 0; q < LANES; q++) {
+                gt[j * LANES + q] = exp_nonpositive(lt[j * LANES + q] - top[q]) * keep[j * LANES + q];
+                denom[q] += gt[j * LANES + q];
+            }
+        }
+        for (int64_t j = 0; j < E; j++) {
+            float square = 0.0f, kept = 0.0f;
+#pragma omp simd reduction(+ : square, kept)
+            for (int q = 0; q < LANES; q++) {
+                float g = gt[j * LANES + q] / denom[q] * valid[q];
+                float gap = lt[j * LANES + q] - top[q];  /* >= -104 keeps 0 * gap finite for a -inf logit */
+                gt[j * LANES + q] = g;
+                square += g * g;
+                kept += keep[j * LANES + q] * valid[q];
+                spread[q] += g * (gap < -104.0f ? -104.0f : gap);
+            }
+            sq_sum[j] += square;
+            counts[j] += (int64_t)kept;
+        }
+        for (int64_t q = 0; q < n; q++) {
+            int64_t t = t0 + q;
+            ent += logf(denom[q]) - spread[q];
+            float *g = gates + t * E;
+            for (int64_t j = 0; j < E; j++) g[j] = gt[j * LANES + q];
+            const float *hr = h + t * hs;
+            float *zr = z + t * E * r;
+            for (int64_t j = 0; j < E; j++)
+                for (int64_t c = 0; c < r; c++) zr[j * r + c] = hr[j * r + c] * g[j];
+        }
+    }
+    entropy[0] += ent;
+}
+
+/* The gate products of the backward pass, with sdz = s * dL/dout B_cat (T, E*r, contiguous):
+ *   gp = gates^power (0 where the gate is 0)
+ *   grad_h (T, E*r) row stride ghs = sdz * gp;  hgp (T, E*r) contiguous = h * gp
+ *   dgates_te = sum over expert e's r columns of sdz * h
+ *   grad_logits (T, E) row stride gls = gates * (dgates - sum_e gates * dgates)
+ */
+void moelora_gate_backward_f32(int64_t T, int64_t E, int64_t r, double power,
+                               const float *sdz, const float *h, int64_t hs, const float *gates,
+                               float *grad_h, int64_t ghs, float *hgp, float *grad_logits, int64_t gls) {
+    static _Thread_local float gpe[MAX_COLUMNS], prod[MAX_COLUMNS];
+    float gp[MAX_EXPERTS], dg[MAX_EXPERTS];
+    int64_t cols = E * r;
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gates + t * E;
+        const float *d = sdz + t * cols;
+        const float *hr = h + t * hs;
+        float *gh = grad_h + t * ghs;
+        float *hp = hgp + t * cols;
+        /* G^p, 0 where the gate is 0; branch-free per gate (which gates are 0 is unpredictable). */
+        if (power == 1.0)
+            for (int64_t j = 0; j < E; j++) gp[j] = g[j];
+        else if (power == 0.5)
+            for (int64_t j = 0; j < E; j++) gp[j] = sqrtf(g[j]);
+        else if (power == 0.0)
+            for (int64_t j = 0; j < E; j++) gp[j] = g[j] > 0.0f ? 1.0f : 0.0f;
+        else
+            for (int64_t j = 0; j < E; j++) gp[j] = g[j] > 0.0f ? powf(g[j], (float)power) : 0.0f;
+        for (int64_t j = 0; j < E; j++)
+            for (int64_t c = 0; c < r; c++) gpe[j * r + c] = gp[j];
+        for (int64_t c = 0; c < cols; c++) {
+            gh[c] = d[c] * gpe[c];
+            hp[c] = hr[c] * gpe[c];
+            prod[c] = d[c] * hr[c];
+        }
+        float inner = 0.0f;
+        for (int64_t j = 0; j < E; j++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < r; c++) acc += prod[j * r + c];
+            dg[j] = acc;
+            inner += g[j] * acc;
+        }
+        float *gl = grad_logits + t * gls;
+        for (int64_t j = 0; j < E; j++) gl[j] = g[j] * (dg[j] - inner);
+    }
+}

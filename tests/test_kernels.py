@@ -1,0 +1,139 @@
+"""The compiled CPU gate kernels against their PyTorch reference (moelora.layers.dense), and the fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelora.layers import dense, kernels
+from moelora.layers.linear import MoELoRALinear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler to build the CPU gate kernels")
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """Route dense.py's helpers through their PyTorch ops."""
+    monkeypatch.setattr(dense.kernels, "applies", lambda *tensors: False)
+
+
+def _projections(tokens: int, num_experts: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, logits)`` as the layer makes them: column slices of one (T, E*r + E) projection."""
+    projected = torch.randn(tokens, num_experts * rank + num_experts, generator=torch.Generator().manual_seed(seed))
+    return projected[:, : num_experts * rank], projected[:, num_experts * rank :]
+
+
+def _reference_route(logits, h, top_k):
+    applies = dense.kernels.applies
+    dense.kernels.applies = lambda *tensors: False
+    try:
+        return dense.route_and_gate(logits, h, top_k)
+    finally:
+        dense.kernels.applies = applies
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 100])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 1), (7, 2, 7), (64, 8, 2)])
+def test_route_kernel_equals_the_reference(tokens, num_experts, rank, top_k):
+    h, logits = _projections(tokens, num_experts, rank)
+    logits = logits * 4  # a wide spread of gates
+    assert kernels.applies(logits, h)
+    gates, z, (sq_sum, counts, entropy) = kernels.route(logits, h, top_k)
+    want_gates, want_z, (want_sq, want_counts, want_entropy) = _reference_route(logits, h, top_k)
+    torch.testing.assert_close(gates, want_gates, rtol=1e-6, atol=1e-7)
+    assert torch.equal(gates > 0, want_gates > 0)  # the same experts kept
+    torch.testing.assert_close(z, want_z, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sq_sum, want_sq, rtol=1e-5, atol=1e-7)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_route_kernel_ties_keep_the_lower_experts_and_extreme_logits_stay_finite():
+    h, _ = _projections(3, 6, 2)
+    logits = torch.zeros(3, 6)
+    logits[1] = torch.tensor([0.0, -float("inf"), 5.0, -1e30, 0.0, 3.0])
+    logits[2] = torch.tensor([-120.0, 0.0, -90.0, -200.0, -float("inf"), -105.0])
+    gates, z, (sq_sum, counts, entropy) = kernels.route(logits.contiguous(), h, 3)
+    assert torch.equal(gates[0] > 0, torch.tensor([True, True, True, False, False, False]))
+    torch.testing.assert_close(gates[0, :3], torch.full((3,), 1 / 3))
+    assert torch.equal(gates[1] > 0, torch.tensor([True, False, True, False, False, True]))
+    want = torch.softmax(torch.tensor([0.0, 5.0, 3.0]), 0)
+    torch.testing.assert_close(gates[1, [0, 2, 5]], want)
+    assert gates[2, 1] == 1.0 and gates[2, 2] == pytest.approx(float(torch.tensor(-90.0).exp()), rel=1e-5)
+    assert torch.isfinite(gates).all() and torch.isfinite(z).all() and torch.isfinite(entropy)
+    assert counts.sum() == 9
+
+
+@pytest.mark.parametrize("power", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 2)])
+def test_gate_backward_kernel_equals_the_reference(power, num_experts, rank, top_k, reference):
+    tokens = 33
+    h, logits = _projections(tokens, num_experts, rank, seed=1)
+    gates = dense.route_and_gate(logits, h, top_k)[0]
+    scaled_dz = torch.randn(tokens, num_experts * rank, generator=torch.Generator().manual_seed(2))
+    buffers = [torch.full((tokens, num_experts * rank + num_experts), float("nan")) for _ in range(2)]
+    outputs = []
+    for buffer, use_kernel in zip(buffers, (True, False)):
+        grad_h, grad_logits = buffer[:, : num_experts * rank], buffer[:, num_experts * rank :]
+        if use_kernel:
+            h_gp = kernels.gate_backward(scaled_dz, h, gates, power, grad_h, grad_logits)
+        else:
+            h_gp = dense.gate_products(scaled_dz, h, gates, power, grad_h, grad_logits)
+        outputs.append((buffer, h_gp))
+    (got_buffer, got_h_gp), (want_buffer, want_h_gp) = outputs
+    torch.testing.assert_close(got_buffer, want_buffer, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h_gp, want_h_gp, rtol=1e-6, atol=1e-7)
+    assert want_buffer[:, num_experts * rank :].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_float32_layer_gives_the_same_outputs_and_gradients_with_and_without_the_kernels(dropout, monkeypatch):
+    torch.manual_seed(0)
+    layer = MoELoRALinear(torch.nn.Linear(24, 16), num_experts=6, top_k=3, rank=4, alpha=8.0, dropout=dropout,
+                          gate_backward_power=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.1)
+    x = torch.randn(50, 24)
+    upstream = torch.randn(50, 16)
+    results = []
+    for use_kernels in (True, False):
+        if not use_kernels:
+            monkeypatch.setattr(dense.kernels, "applies", lambda *tensors: False)
+        layer.zero_grad()
+        layer.reset_gate_stats()
+        inputs = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same dropout mask
+        out = layer(inputs)
+        (out * upstream).sum().backward()
+        results.append([out.detach(), inputs.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad,
+                        layer.gate_sq_sum.clone(), layer.expert_load.clone(), layer.gate_entropy.clone()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_the_layer_warns_once_and_uses_the_pytorch_ops(tmp_path):
+    """A compiler that fails (CC=false) and MOELORA_CPU_KERNELS=0: no kernels, the same layer output."""
+    script = (
+        "import warnings, torch\n"
+        "from moelora.layers import kernels\n"
+        "from moelora.layers.linear import MoELoRALinear\n"
+        "torch.manual_seed(0)\n"
+        "layer = MoELoRALinear(torch.nn.Linear(8, 8), num_experts=4, top_k=2, rank=2, alpha=4.0)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = layer(torch.randn(5, 8))\n"
+        "    layer(torch.randn(5, 8))\n"
+        "print(kernels.available(), sum('gate kernels' in str(w.message) or 'C compiler' in str(w.message) for w in caught))\n"
+    )
+    base_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    failing = subprocess.run([sys.executable, "-c", script], env={**base_env, "CC": "false"},
+                             capture_output=True, text=True, check=True)
+    assert failing.stdout.split() == ["False", "1"], failing.stdout + failing.stderr
+    off = subprocess.run([sys.executable, "-c", script], env={**base_env, "MOELORA_CPU_KERNELS": "0"},
+                         capture_output=True, text=True, check=True)
+    assert off.stdout.split() == ["False", "0"], off.stdout + off.stderr
+    assert not list(tmp_path.glob("moelora/*.so"))  # nothing half-built left behind
