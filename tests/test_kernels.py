@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from moelora.layers import dense, kernels
+from moelora.layers import dense, dropout, kernels
 from moelora.layers.linear import MoELoRALinear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler to build the CPU gate kernels")
@@ -101,8 +102,9 @@ def test_a_float32_layer_gives_the_same_outputs_and_gradients_with_and_without_t
     upstream = torch.randn(50, 16)
     results = []
     for use_kernels in (True, False):
-        if not use_kernels:
-            monkeypatch.setattr(dense.kernels, "applies", lambda *tensors: False)
+        if not use_kernels:  # every kernel off: routing, gate products and the dropout mask
+            monkeypatch.setattr(kernels, "_load", lambda: None)
+            assert not kernels.available()
         layer.zero_grad()
         layer.reset_gate_stats()
         inputs = x.clone().requires_grad_(True)
@@ -127,7 +129,7 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_the_pytorch_ops(tmp_pa
         "    warnings.simplefilter('always')\n"
         "    out = layer(torch.randn(5, 8))\n"
         "    layer(torch.randn(5, 8))\n"
-        "print(kernels.available(), sum('gate kernels' in str(w.message) or 'C compiler' in str(w.message) for w in caught))\n"
+        "print(kernels.available(), sum('CPU kernels' in str(w.message) or 'C compiler' in str(w.message) for w in caught))\n"
     )
     base_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     failing = subprocess.run([sys.executable, "-c", script], env={**base_env, "CC": "false"},
@@ -137,3 +139,43 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_the_pytorch_ops(tmp_pa
                          capture_output=True, text=True, check=True)
     assert off.stdout.split() == ["False", "0"], off.stdout + off.stderr
     assert not list(tmp_path.glob("moelora/*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (40, 64)])
+def test_dropout_kernel_draws_the_reference_mask_bit_for_bit(shape):
+    """The compiled mask equals hashed_lanes' (the PyTorch reference) for seeds across the int64 range,
+    and applying it equals multiplying by it."""
+    for seed in (0, 1, 2**31 + 5, 2**62 + 12345):
+        threshold = dropout._keep_threshold(0.3)
+        count = math.prod(shape)
+        got = kernels.keep_mask(count, seed, threshold)
+        assert got is not None and torch.equal(got, dropout.hashed_lanes(seed, count) < threshold)
+        mask = dropout.DropoutMask(shape, 0.3, torch.device("cpu"), seed)
+        if len(shape) == 2:
+            x = torch.randn(*shape)
+            assert torch.equal(mask.apply(x), x * mask.materialize())
+            y = x.clone()
+            assert mask.apply(y, inplace=True) is y and torch.equal(y, x * mask.materialize())
+
+
+def test_the_hashed_mask_keeps_at_its_rate_per_lane_and_independently():
+    """Both 16-bit lanes of a word keep with probability q, neighbours and rows independently."""
+    p, rows, cols = 0.05, 500, 800
+    q = dropout.keep_probability(p)
+    keep = dropout.hashed_keep_mask((rows, cols), p, seed=1234).float()
+    n = rows * cols
+    se = math.sqrt(q * (1 - q) / (n / 2))
+    for lane in range(2):
+        assert abs(keep.view(-1)[lane::2].mean().item() - q) < 5 * se, lane
+    for pair in (keep[:, :-1] * keep[:, 1:], keep[:-1] * keep[1:]):  # neighbours across columns and rows
+        assert abs(pair.mean().item() - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / pair.numel())
+    other = dropout.hashed_keep_mask((rows, cols), p, seed=1235).float()  # another seed: independent
+    assert abs((keep * other).mean().item() - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / n)
+
+
+def test_applying_a_mask_under_autograd_passes_the_masked_gradient():
+    mask = dropout.DropoutMask((6, 10), 0.4, torch.device("cpu"), seed=99)
+    x = torch.randn(6, 10, requires_grad=True)
+    upstream = torch.randn(6, 10)
+    (mask.apply(x) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream * mask.materialize())

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from . import kernels
-from .dropout import DropoutMask, keep_values, mask_values
+from .dropout import DropoutMask, apply_mask
 from .routing import gate_power, route_top_k, router_backward, routing_statistics
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # routing_statistics: (sq_sum, counts, entropy_sum)
@@ -70,9 +70,25 @@ def stacked_a(lora_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return lora_a.reshape(-1, lora_a.shape[-1]).to(dtype)
 
 
+# Whole rows of the last dimension moved as one element each (see swap_leading): element sizes in bytes.
+_WIDE_DTYPES = ((16, torch.complex128), (8, torch.int64), (4, torch.int32), (2, torch.int16))
+
+
+def swap_leading(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.transpose(0, 1).contiguous()`` of a contiguous 3-d tensor, bit for bit. The copy moves each
+    row of the last dimension as one wide element (a ``(.., .., 4)`` float32 row as one 16-byte element):
+    with short rows (``r`` floats) the element-wise strided copy costs about five times as much."""
+    if tensor.is_contiguous() and not torch.compiler.is_compiling():
+        row_bytes = tensor.shape[-1] * tensor.element_size()
+        for size, wide in _WIDE_DTYPES:
+            if row_bytes % size == 0 and (tensor.storage_offset() * tensor.element_size()) % size == 0:
+                return tensor.view(wide).transpose(0, 1).contiguous().view(tensor.dtype)
+    return tensor.transpose(0, 1).contiguous()
+
+
 def stacked_b(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``B`` (E, d_out, r) as ``B_cat`` (d_out, E*r) in ``dtype``: column block ``i`` is ``B_i``."""
-    return lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).to(dtype)
+    return swap_leading(lora_b.to(dtype)).view(lora_b.shape[1], -1)
 
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -141,13 +157,12 @@ class DenseMoELoRA(torch.autograd.Function):
         num_experts, rank, _ = lora_a.shape
         experts_cols = num_experts * rank
         a_cat = stacked_a(lora_a, dtype)
-        keep = keep_values(mask)
-        joint = router_input is None and keep is None
+        joint = router_input is None and mask is None
         if joint:  # one GEMM for the experts and the router: [h, logits] = x [A_cat; R]^T
             projected = x @ torch.cat([a_cat, router.to(dtype)]).t()
             h, logits = projected[:, :experts_cols], projected[:, experts_cols:]
         else:
-            h = (x if keep is None else x * mask_values(keep, dtype)) @ a_cat.t()
+            h = (x if mask is None else apply_mask(mask, x)) @ a_cat.t()
             logits = x @ router.to(dtype).t() if router_input is None else router_input @ router.t()
         gates, z, stats = route_and_gate(logits, h, spec.top_k)
         b_cat = stacked_b(lora_b, dtype)
@@ -199,9 +214,9 @@ class DenseMoELoRA(torch.autograd.Function):
 
         if need_bmat:
             grad_b_cat = _scaled_mm(grad_out.t(), h_gp, spec.scaling)
-            grad_bmat = grad_b_cat.view(-1, num_experts, rank).transpose(0, 1).to(lora_b.dtype)
+            grad_bmat = swap_leading(grad_b_cat.view(-1, num_experts, rank)).to(lora_b.dtype)
 
-        keep = stored if ctx.mask is None else ctx.mask.materialize()  # the forward pass's mask, drawn again
+        mask = stored if ctx.mask is None else ctx.mask  # a DropoutMask draws the forward pass's mask again
         if ctx.joint:
             if need_a or need_r:
                 grad_ar = grad_proj.t() @ x  # (E*r + E, d_in)
@@ -209,15 +224,14 @@ class DenseMoELoRA(torch.autograd.Function):
             if need_x:
                 grad_x = grad_proj @ torch.cat([a_cat, router.to(dtype)])
         else:
-            mask = None if keep is None else mask_values(keep, dtype)
             if need_a:
-                grad_a = grad_h.t() @ (x if mask is None else x * mask)
+                grad_a = grad_h.t() @ (x if mask is None else apply_mask(mask, x))
             if need_r:
                 grad_r = (grad_logits.t() @ (x if router_input is None else router_input)).to(router.dtype)
             if need_x:
                 grad_x = grad_h @ a_cat
                 if mask is not None:
-                    grad_x.mul_(mask)
+                    apply_mask(mask, grad_x, inplace=True)
                 if router_input is None:
                     grad_x.addmm_(grad_logits, router.to(dtype))
             if need_ri:

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
 from .dense import DenseMoELoRA, MixSpec
-from .dropout import DropoutMask, draw_mask, keep_probability, keep_values, mask_values
+from .dropout import DropoutMask, apply_mask, draw_mask, keep_probability
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
 from .routing import init_router_, routing_statistics, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
@@ -288,8 +288,7 @@ class MoELoRALinear(nn.Module):
             logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
             weights, index = top_k_routing(logits, self.top_k)
             self._record_routing(routing_statistics(weights.detach(), index, self.num_experts), tokens.shape[0])
-            keep = keep_values(mask)
-            expert_in = adapter_in if keep is None else adapter_in * mask_values(keep, adapter_in.dtype)
+            expert_in = adapter_in if mask is None else apply_mask(mask, adapter_in)
             outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
                                                      self.gate_backward_power)
         return result.index_add(0, token_of, outputs.to(result.dtype))

@@ -1,13 +1,17 @@
-"""Compiled CPU kernels for the dense layer's small per-token work: routing and the gate products (``gates.c``).
+"""Compiled CPU kernels for the layer's small per-token work: routing and the gate products (``gates.c``),
+and the dropout keep-mask (``dropout.c``).
 
 On a CPU the layer's routing (top-k, softmax, scatter, statistics) and gate products (the gated
 projections, the backward gate power, the per-expert sums, the router's softmax Jacobian) are about twenty
 PyTorch kernels on ``(T, E)`` and ``(T, E*r)`` tensors per forward and backward pass, each paying a fixed
-cost of tens of microseconds; ``gates.c`` does each half in one pass over the tokens.
+cost of tens of microseconds; ``gates.c`` does each half in one pass over the tokens. ``dropout.c`` draws
+the keep-mask from its seed and applies it in the same pass (``moelora.layers.dropout`` defines the mask
+and holds its PyTorch reference, bit for bit).
 
-The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
-cache (``$XDG_CACHE_HOME/moelora`` or ``~/.cache/moelora``; the file name holds a hash of the source
-and the compiler command), written atomically, and loaded with ``ctypes``. Where there is no compiler or
+The C files are compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
+cache (``$XDG_CACHE_HOME/moelora`` or ``~/.cache/moelora``; the file name holds a hash of the sources,
+the compiler command and, for ``-march=native``, the CPU's model and feature flags), written
+atomically, and loaded with ``ctypes``. Where there is no compiler or
 the build fails, the layer computes the same arithmetic with PyTorch ops (``moelora.layers.dense``),
 after one warning. ``MOELORA_CPU_KERNELS=0`` turns the kernels off. They serve float32 CPU tensors only,
 outside ``torch.compile`` (which fuses the PyTorch ops itself); everything else takes the PyTorch ops.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("gates.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c")]
 _FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
 MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # the kernels' scratch arrays: E, and E * r
 
@@ -46,24 +51,47 @@ def _cache_dir() -> Path:
     return Path(root) / "moelora"
 
 
-def _build(compiler: str) -> Path:
+def _cpu_identity() -> str | None:
+    """The CPU's model and feature flags (Linux), so that a ``-march=native`` build is used only on the CPU
+    it was built for (a cache in a home directory may be shared by different machines); None elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(wanted)) + platform.machine() if wanted else None
+
+
+def _build(command: list[str], identity: str) -> Path:
     """The compiled library's path, building it first when the cache does not hold it."""
-    source = _SOURCE.read_bytes()
-    command = [compiler, *_FLAGS]
-    digest = hashlib.sha256(source + "\0".join(command).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gates-{digest}.so"
+    sources = b"\0".join(source.read_bytes() for source in _SOURCES)
+    digest = hashlib.sha256(sources + "\0".join([*command, identity]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle, scratch = tempfile.mkstemp(dir=target.parent, prefix=".gates-", suffix=".so")
+    handle, scratch = tempfile.mkstemp(dir=target.parent, prefix=".kernels-", suffix=".so")
     os.close(handle)
     try:
-        subprocess.run([*command, "-o", scratch, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*command, "-o", scratch, *map(str, _SOURCES), "-lm"], check=True, capture_output=True,
+                       timeout=120)
         os.replace(scratch, target)  # atomic: concurrent builders (e.g. the ranks of one job) all end with one file
     finally:
         if os.path.exists(scratch):
             os.unlink(scratch)
     return target
+
+
+def _compile(compiler: str) -> Path:
+    """Built for this CPU (``-march=native``) where it can be identified and the compiler takes the flag,
+    else for the architecture's baseline."""
+    identity = _cpu_identity()
+    if identity is not None:
+        try:
+            return _build([compiler, "-march=native", *_FLAGS], identity)
+        except subprocess.SubprocessError:
+            pass
+    return _build([compiler, *_FLAGS], platform.machine())
 
 
 def _load() -> ctypes.CDLL | None:
@@ -76,15 +104,15 @@ def _load() -> ctypes.CDLL | None:
             return None
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
-            warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing and gate products "
-                          "run as PyTorch ops on the CPU (same results, slower)", stacklevel=3)
+            warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing, gate products and "
+                          "dropout run as PyTorch ops on the CPU (same results, slower)", stacklevel=3)
             return None
         try:
-            library = ctypes.CDLL(str(_build(compiler)))
+            library = ctypes.CDLL(str(_compile(compiler)))
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", b"") or b""
-            warnings.warn(f"moelora: building the CPU gate kernels failed ({error}; {detail.decode(errors='replace')[-500:]}); "
-                          "the layer's routing and gate products run as PyTorch ops (same results, slower)", stacklevel=3)
+            warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail.decode(errors='replace')[-500:]}); "
+                          "the layer's routing, gate products and dropout run as PyTorch ops (same results, slower)", stacklevel=3)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.moelora_route_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
@@ -92,6 +120,11 @@ def _load() -> ctypes.CDLL | None:
         library.moelora_gate_backward_f32.argtypes = [i64, i64, i64, ctypes.c_double, ptr, ptr, i64, ptr, ptr, i64,
                                                       ptr, ptr, i64]
         library.moelora_gate_backward_f32.restype = None
+        u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+        library.moelora_keep_mask.argtypes = [i64, u64, u32, ptr]
+        library.moelora_keep_mask.restype = None
+        library.moelora_dropout_f32.argtypes = [i64, i64, ptr, i64, ptr, i64, u64, u32]
+        library.moelora_dropout_f32.restype = None
         _library = library
         return library
 
@@ -152,3 +185,33 @@ def gate_backward(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor,
                                       h.stride(0), gates.data_ptr(), grad_h.data_ptr(), grad_h.stride(0),
                                       hgp.data_ptr(), grad_logits.data_ptr(), grad_logits.stride(0))
     return hgp
+
+
+def keep_mask(count: int, seed: int, threshold: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The ``(count,)`` bool keep-mask of ``seed`` (``moelora.layers.dropout.hashed_lanes``), or None where
+    the kernels do not serve (not a CPU, or not built)."""
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
+        return None
+    library = _load()
+    if library is None:
+        return None
+    keep = torch.empty(count, dtype=torch.uint8)
+    library.moelora_keep_mask(count, seed, threshold, keep.data_ptr())
+    return keep.view(torch.bool)
+
+
+def dropout(x: torch.Tensor, seed: int, threshold: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x * m`` for a 2-d float32 CPU ``x`` with contiguous rows and the keep-mask ``m`` of ``seed`` over
+    ``x``'s shape (``out`` may be ``x``), or None where the kernels do not serve."""
+    if not _rows(x) or torch.compiler.is_compiling():
+        return None
+    library = _load()
+    if library is None:
+        return None
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not _rows(out) or out.shape != x.shape:
+        raise ValueError("dropout: out must be a float32 CPU tensor of x's shape with contiguous rows")
+    rows, cols = x.shape
+    library.moelora_dropout_f32(rows, cols, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), seed, threshold)
+    return out
