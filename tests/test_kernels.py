@@ -179,3 +179,41 @@ def test_applying_a_mask_under_autograd_passes_the_masked_gradient():
     upstream = torch.randn(6, 10)
     (mask.apply(x) * upstream).sum().backward()
     assert torch.equal(x.grad, upstream * mask.materialize())
+
+
+@pytest.mark.parametrize("experts,rank,width", [(20, 4, 576), (3, 1, 7), (5, 8, 33), (2, 16, 16)])
+def test_batched_kernels_equal_bmm(experts, rank, width):
+    """The optimizers' per-expert products against torch.bmm."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(experts, rank, width, generator=g)
+    b = torch.randn(experts, width, rank, generator=g)
+    p = torch.randn(experts, rank, rank, generator=g)
+    assert kernels.batched_applies(a, b, p)
+    torch.testing.assert_close(kernels.gram_rows(a), torch.bmm(a, a.mT), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.gram_cols(b), torch.bmm(b.mT, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.left_mul(p, a), torch.bmm(p, a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.right_mul(b, p), torch.bmm(b, p), rtol=1e-5, atol=1e-5)
+    assert not kernels.batched_applies(a.double()) and not kernels.batched_applies(a[:, :, ::2])
+
+
+def test_the_optimizer_step_is_the_same_with_and_without_the_kernels(monkeypatch):
+    """One RiemannianAdamW step (riemannian and gate-rescaled) of a float32 layer, kernels on and off."""
+    from moelora.optim import RiemannianAdamW
+
+    results = []
+    for use_kernels in (True, False):
+        if not use_kernels:
+            monkeypatch.setattr(kernels, "_load", lambda: None)
+        for preconditioner in ("riemannian", "gate_rescaled"):
+            torch.manual_seed(0)
+            layer = MoELoRALinear(torch.nn.Linear(24, 16), num_experts=6, top_k=3, rank=4, alpha=8.0)
+            with torch.no_grad():
+                layer.lora_B.normal_(0.0, 0.1)
+            optimizer = RiemannianAdamW(layer.parameters(), lr=1e-2, preconditioner=preconditioner)
+            (layer(torch.randn(40, 24)) ** 2).sum().backward()
+            optimizer.step()
+            results.append([layer.lora_A.detach().clone(), layer.lora_B.detach().clone()])
+    half = len(results) // 2
+    for got, want in zip(results[:half], results[half:]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

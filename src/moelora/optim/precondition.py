@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import Preconditioner
+from ..layers import kernels
 from ..layers.linear import MoELoRALinear
 from .groups import SIDE_A, ExpertFactor
 from .sharding import is_sharded, mesh_group
@@ -178,12 +179,15 @@ def precondition(
             systems.mul_(c2[:, None, None])
         systems.diagonal(dim1=-2, dim2=-1).add_(reg)
         inverses, not_pd, non_finite = damped_inverse(systems)
+        inverses = inverses.contiguous()  # cholesky_inverse writes column-major; one small copy for all
         rows_a = sum(sizes[:count_a])
         failed = not_pd | non_finite
         failures.append(torch.stack([not_pd.sum(), non_finite.sum(), failed[:rows_a].sum()]))
         total += systems.shape[0]
         # kron(I_k, P) of every B-side system, built in one go.
-        krons = _kron_eye(inverses[rows_a:], k).split(sizes[count_a:]) if k > 1 else [None] * (len(indices) - count_a)
+        any_blocked_b = k > 1 and any(_blocked(grads[i], k) for i in indices[count_a:])
+        krons = (_kron_eye(inverses[rows_a:], k).split(sizes[count_a:]) if any_blocked_b
+                 else [None] * (len(indices) - count_a))
         per_factor = inverses.split(sizes)
         for position, index in enumerate(indices):
             if position < count_a:
@@ -239,14 +243,18 @@ def _kron_eye(inverses: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _blocked(tensor: torch.Tensor, k: int) -> bool:
-    """Whether a B-shaped ``(E, d_out, r)`` tensor takes the 16-wide reading (``d_out`` a multiple of ``k``)."""
-    return k > 1 and tensor.shape[-1] * k == _BLOCK_WIDTH and tensor.shape[1] % k == 0
+    """Whether a B-shaped ``(E, d_out, r)`` tensor takes the 16-wide reading (``d_out`` a multiple of ``k``,
+    and not served by the compiled CPU kernels, which take the plain products)."""
+    return (k > 1 and tensor.shape[-1] * k == _BLOCK_WIDTH and tensor.shape[1] % k == 0
+            and not kernels.batched_applies(tensor))
 
 
 def _gram(factor: ExpertFactor, dtype: torch.dtype, k: int) -> torch.Tensor:
     """Gram matrix of the partner factor: ``(E, r, r)`` ``A A^T`` for a B-factor; for an A-factor
     ``B^T B``, or ``(E, k r, k r)`` ``W^T W`` when ``B`` reads as ``W`` (see ``_BLOCK_WIDTH``)."""
     other = factor.partner if factor.partner.dtype == dtype else factor.partner.to(dtype)
+    if kernels.batched_applies(other) and other.shape[-1 if factor.side == SIDE_A else 1] <= kernels.MAX_SMALL_RANK:
+        return kernels.gram_cols(other) if factor.side == SIDE_A else kernels.gram_rows(other)
     if factor.side != SIDE_A:
         return torch.bmm(other, other.mT)  # (E, r, d_in) -> (E, r, r)
     if _blocked(other, k):
@@ -257,14 +265,17 @@ def _gram(factor: ExpertFactor, dtype: torch.dtype, k: int) -> torch.Tensor:
 
 def _apply_a(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``P @ grad`` for an ``(E, r, d_in)`` A-gradient, in ``grad``'s dtype."""
-    out = torch.bmm(inverse, grad if grad.dtype == inverse.dtype else grad.to(inverse.dtype))
+    g = grad if grad.dtype == inverse.dtype else grad.to(inverse.dtype)
+    out = kernels.left_mul(inverse, g) if kernels.batched_applies(inverse, g) else torch.bmm(inverse, g)
     return out if out.dtype == grad.dtype else out.to(grad.dtype)
 
 
 def _apply_b(grad: torch.Tensor, inverse: torch.Tensor, kron: torch.Tensor | None, k: int) -> torch.Tensor:
     """``grad @ P`` for an ``(E, d_out, r)`` B-gradient, through ``kron = kron(I_k, P)`` when it fits."""
     g = grad if grad.dtype == inverse.dtype else grad.to(inverse.dtype)
-    if kron is None or not _blocked(g, k):
+    if kernels.batched_applies(g, inverse):
+        out = kernels.right_mul(g, inverse)
+    elif kron is None or not _blocked(g, k):
         out = torch.bmm(g, inverse)
     else:
         experts, rows, rank = g.shape

@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the layer's small per-token work: routing and the gate products (``gates.c``),
-and the dropout keep-mask (``dropout.c``).
+the dropout keep-mask (``dropout.c``), and the optimizers' per-expert ``r x r`` products (``batched.c``).
 
 On a CPU the layer's routing (top-k, softmax, scatter, statistics) and gate products (the gated
 projections, the backward gate power, the per-expert sums, the router's softmax Jacobian) are about twenty
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c", "batched.c")]
+MAX_SMALL_RANK = 16  # batched.c's r x r scratch
 _FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
 MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # the kernels' scratch arrays: E, and E * r
 
@@ -125,6 +126,12 @@ def _load() -> ctypes.CDLL | None:
         library.moelora_keep_mask.restype = None
         library.moelora_dropout_f32.argtypes = [i64, i64, ptr, i64, ptr, i64, u64, u32]
         library.moelora_dropout_f32.restype = None
+        for name in ("moelora_gram_rows_f32", "moelora_gram_cols_f32"):
+            getattr(library, name).argtypes = [i64, i64, i64, ptr, ptr]
+            getattr(library, name).restype = None
+        for name in ("moelora_left_mul_f32", "moelora_right_mul_f32"):
+            getattr(library, name).argtypes = [i64, i64, i64, ptr, ptr, ptr]
+            getattr(library, name).restype = None
         _library = library
         return library
 
@@ -214,4 +221,49 @@ def dropout(x: torch.Tensor, seed: int, threshold: int, out: torch.Tensor | None
         raise ValueError("dropout: out must be a float32 CPU tensor of x's shape with contiguous rows")
     rows, cols = x.shape
     library.moelora_dropout_f32(rows, cols, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), seed, threshold)
+    return out
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Contiguous float32 CPU tensors (not tensor subclasses such as DTensor), outside ``torch.compile``."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+               and t.is_contiguous() for t in tensors) and not torch.compiler.is_compiling()
+
+
+def batched_applies(*tensors: torch.Tensor) -> bool:
+    """Whether ``gram_rows`` / ``gram_cols`` / ``left_mul`` / ``right_mul`` serve these 3-d tensors."""
+    return _plain(*tensors) and all(t.dim() == 3 for t in tensors) and _load() is not None
+
+
+def gram_rows(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.mT`` for ``a`` (E, r, d): (E, r, r)."""
+    experts, rank, width = a.shape
+    out = a.new_empty(experts, rank, rank)
+    _load().moelora_gram_rows_f32(experts, rank, width, a.data_ptr(), out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
+def gram_cols(b: torch.Tensor) -> torch.Tensor:
+    """``b.mT @ b`` for ``b`` (E, d, r) with ``r <= 16``: (E, r, r)."""
+    experts, width, rank = b.shape
+    if rank > MAX_SMALL_RANK:
+        raise ValueError(f"gram_cols takes r <= {MAX_SMALL_RANK}, got {rank}")
+    out = b.new_empty(experts, rank, rank)
+    _load().moelora_gram_cols_f32(experts, width, rank, b.data_ptr(), out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
+def left_mul(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``p @ g`` for ``p`` (E, r, r) and ``g`` (E, r, d)."""
+    experts, rank, width = g.shape
+    out = g.new_empty(experts, rank, width)
+    _load().moelora_left_mul_f32(experts, rank, width, p.data_ptr(), g.data_ptr(), out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
+def right_mul(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g @ p`` for ``g`` (E, d, r) and ``p`` (E, r, r)."""
+    experts, width, rank = g.shape
+    out = g.new_empty(experts, width, rank)
+    _load().moelora_right_mul_f32(experts, width, rank, g.data_ptr(), p.data_ptr(), out.data_ptr())  # type: ignore[union-attr]
     return out
