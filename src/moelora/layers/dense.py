@@ -52,8 +52,6 @@ from . import kernels
 from .dropout import DropoutMask, apply_mask
 from .routing import gate_power, route_top_k, router_backward, routing_statistics
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # routing_statistics: (sq_sum, counts, entropy_sum)
-
 
 @dataclass(frozen=True)
 class MixSpec:
@@ -65,9 +63,15 @@ class MixSpec:
     top_k: int
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, without the call when the dtype is already ``dtype`` (each call costs
+    microseconds, and a layer's forward and backward passes make a dozen)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def stacked_a(lora_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``A`` (E, r, d_in) as ``A_cat`` (E*r, d_in) in ``dtype`` (a view when the dtype is A's own)."""
-    return lora_a.reshape(-1, lora_a.shape[-1]).to(dtype)
+    return _as(lora_a.reshape(-1, lora_a.shape[-1]), dtype)
 
 
 # Whole rows of the last dimension moved as one element each (see swap_leading): element sizes in bytes.
@@ -88,7 +92,7 @@ def swap_leading(tensor: torch.Tensor) -> torch.Tensor:
 
 def stacked_b(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``B`` (E, d_out, r) as ``B_cat`` (d_out, E*r) in ``dtype``: column block ``i`` is ``B_i``."""
-    return swap_leading(lora_b.to(dtype)).view(lora_b.shape[1], -1)
+    return swap_leading(_as(lora_b, dtype)).view(lora_b.shape[1], -1)
 
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -105,7 +109,7 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
 
 
-def route_and_gate(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+def route_and_gate(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gates, z, stats)``: the ``(T, E)`` float32 top-k gates of ``logits``, ``z = h * G`` (T, E*r) in
     ``h``'s dtype and the forward pass's ``routing_statistics``. In one compiled pass on a CPU where the
     kernels serve (``moelora.layers.kernels``); these PyTorch ops are the reference."""
@@ -113,7 +117,7 @@ def route_and_gate(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[t
         return kernels.route(logits, h, top_k)
     tokens, num_experts = logits.shape
     gates, weights, index = route_top_k(logits, top_k)
-    z = (h.view(tokens, num_experts, -1) * gates.to(h.dtype).unsqueeze(-1)).view(tokens, -1)
+    z = (h.view(tokens, num_experts, -1) * _as(gates, h.dtype).unsqueeze(-1)).view(tokens, -1)
     return gates, z, routing_statistics(weights, index, num_experts)
 
 
@@ -135,15 +139,15 @@ def gate_products(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor,
 
 class DenseMoELoRA(torch.autograd.Function):
     """``(x, W | None, b | None, A, R, B, router_input | None, base | None, mask | None, spec)`` ->
-    ``(out, sq_sum, counts, entropy_sum)``.
+    ``(out, stats)``.
 
     ``x`` is in the compute dtype, to which ``W``, ``b``, ``A`` and ``B`` are cast here (their gradients
     come back in their own dtypes). ``W`` (with ``b``) is given when the base map is a plain linear map
     this Function computes itself; otherwise ``base`` is the caller's base output, of ``x``'s dtype, to
     which the experts' output is added (out of place), or both are None and ``out`` is the experts'
     output alone. ``router_input`` is ``x`` in the router's dtype when that differs from the compute
-    dtype (under autocast the router stays in float32); None: the router reads ``x``. The last three
-    outputs are the forward pass's ``routing_statistics``, not differentiable, for the layer's records.
+    dtype (under autocast the router stays in float32); None: the router reads ``x``. ``stats`` is the
+    forward pass's ``routing_statistics``, not differentiable, for the layer's records.
     """
 
     @staticmethod
@@ -159,16 +163,16 @@ class DenseMoELoRA(torch.autograd.Function):
         a_cat = stacked_a(lora_a, dtype)
         joint = router_input is None and mask is None
         if joint:  # one GEMM for the experts and the router: [h, logits] = x [A_cat; R]^T
-            projected = x @ torch.cat([a_cat, router.to(dtype)]).t()
+            projected = x @ torch.cat([a_cat, _as(router, dtype)]).t()
             h, logits = projected[:, :experts_cols], projected[:, experts_cols:]
         else:
             h = (x if mask is None else apply_mask(mask, x)) @ a_cat.t()
-            logits = x @ router.to(dtype).t() if router_input is None else router_input @ router.t()
+            logits = x @ _as(router, dtype).t() if router_input is None else router_input @ router.t()
         gates, z, stats = route_and_gate(logits, h, spec.top_k)
         b_cat = stacked_b(lora_b, dtype)
         if weight is not None:
-            w = weight.to(dtype)
-            out = x @ w.t() if bias is None else torch.addmm(bias.to(dtype), x, w.t())
+            w = _as(weight, dtype)
+            out = x @ w.t() if bias is None else torch.addmm(_as(bias, dtype), x, w.t())
             out.addmm_(z, b_cat.t(), alpha=spec.scaling)  # accumulated into the fresh base output
         elif base is not None:
             out = torch.addmm(base, z, b_cat.t(), alpha=spec.scaling)  # base + s z B^T in one kernel
@@ -180,11 +184,11 @@ class DenseMoELoRA(torch.autograd.Function):
         ctx.mask = mask if isinstance(mask, DropoutMask) else None
         ctx.spec, ctx.joint, ctx.has_base = spec, joint, base is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(*stats)
-        return out, *stats
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_grad_stats: Any):
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_stats: Any):
         x, weight, lora_a, router, lora_b, h, gates, router_input, stored = ctx.saved_tensors
         spec: MixSpec = ctx.spec
         need_x, need_w, need_b, need_a, need_r, need_bmat, need_ri, need_base = ctx.needs_input_grad[:8]
@@ -209,43 +213,43 @@ class DenseMoELoRA(torch.autograd.Function):
                 grad_logits = x.new_empty(tokens, num_experts, dtype=router.dtype if router_input is not None else dtype)
             h_gp = gate_products(scaled_dz, h, gates, spec.power, grad_h, grad_logits)
         else:
-            h_gp = (h.view(tokens, num_experts, rank) * gate_power(gates, spec.power).to(dtype).unsqueeze(-1))
+            h_gp = (h.view(tokens, num_experts, rank) * _as(gate_power(gates, spec.power), dtype).unsqueeze(-1))
             h_gp = h_gp.view(tokens, experts_cols)
 
         if need_bmat:
             grad_b_cat = _scaled_mm(grad_out.t(), h_gp, spec.scaling)
-            grad_bmat = swap_leading(grad_b_cat.view(-1, num_experts, rank)).to(lora_b.dtype)
+            grad_bmat = _as(swap_leading(grad_b_cat.view(-1, num_experts, rank)), lora_b.dtype)
 
         mask = stored if ctx.mask is None else ctx.mask  # a DropoutMask draws the forward pass's mask again
         if ctx.joint:
             if need_a or need_r:
                 grad_ar = grad_proj.t() @ x  # (E*r + E, d_in)
-                grad_a, grad_r = grad_ar[:experts_cols], grad_ar[experts_cols:].to(router.dtype)
+                grad_a, grad_r = grad_ar[:experts_cols], _as(grad_ar[experts_cols:], router.dtype)
             if need_x:
-                grad_x = grad_proj @ torch.cat([a_cat, router.to(dtype)])
+                grad_x = grad_proj @ torch.cat([a_cat, _as(router, dtype)])
         else:
             if need_a:
                 grad_a = grad_h.t() @ (x if mask is None else apply_mask(mask, x))
             if need_r:
-                grad_r = (grad_logits.t() @ (x if router_input is None else router_input)).to(router.dtype)
+                grad_r = _as(grad_logits.t() @ (x if router_input is None else router_input), router.dtype)
             if need_x:
                 grad_x = grad_h @ a_cat
                 if mask is not None:
                     apply_mask(mask, grad_x, inplace=True)
                 if router_input is None:
-                    grad_x.addmm_(grad_logits, router.to(dtype))
+                    grad_x.addmm_(grad_logits, _as(router, dtype))
             if need_ri:
                 grad_ri = grad_logits @ router
         if weight is not None:
             if need_x:
                 assert grad_x is not None  # built above whenever need_x
-                grad_x.addmm_(grad_out, weight.to(dtype))
+                grad_x.addmm_(grad_out, _as(weight, dtype))
             if need_w:
-                grad_w = (grad_out.t() @ x).to(weight.dtype)
+                grad_w = _as(grad_out.t() @ x, weight.dtype)
             if need_b:
                 grad_bias = grad_out.sum(dim=0).to(ctx.bias_dtype)
         if grad_a is not None:
-            grad_a = grad_a.reshape(lora_a.shape).to(lora_a.dtype)
+            grad_a = _as(grad_a.reshape(lora_a.shape), lora_a.dtype)
         grad_base = grad_out if ctx.has_base and need_base else None
         return (grad_x, grad_w, grad_bias, grad_a, grad_r if need_r else None, grad_bmat, grad_ri, grad_base,
                 None, None)

@@ -194,17 +194,17 @@ class MoELoRALinear(nn.Module):
         _LIVE_LAYERS.add(self)
 
     # ---------------------------------------------------------------------------------------- compute
-    def _record_routing(self, stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tokens: int) -> None:
+    def _record_routing(self, stats: torch.Tensor, tokens: int) -> None:
         """Gate statistics and diagnostics from a forward pass's ``routing_statistics``."""
         record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
-        sq_sum, counts, entropy_sum = stats
+        experts = self.num_experts
         with torch.no_grad():
             if record:
-                self.gate_sq_sum.add_(sq_sum)
+                self.gate_sq_sum.add_(stats[:experts])
                 self.gate_token_count.add_(tokens)
             if self.track_router_stats:
-                self.expert_load.copy_(counts / counts.sum().clamp_min(1))
-                self.gate_entropy.copy_(entropy_sum / max(tokens, 1))
+                self.expert_load.copy_(stats[experts : 2 * experts])
+                self.gate_entropy.copy_(stats[2 * experts])
 
     def uses_sparse(self, tokens: torch.Tensor | None = None) -> bool:
         """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.layers.sparse``)."""
@@ -267,10 +267,10 @@ class MoELoRALinear(nn.Module):
                 weight, bias = self.base_layer.weight, self.base_layer.bias
             # The experts' output goes into the base output inside a GEMM when the dtypes agree.
             into_base = base_out if base_out is not None and base_out.dtype == dtype else None
-            out, *stats = DenseMoELoRA.apply(
-                tokens.to(dtype), weight, bias, self.lora_A, router, self.lora_B, router_input, into_base, mask,
+            out, stats = DenseMoELoRA.apply(
+                tokens if tokens.dtype == dtype else tokens.to(dtype), weight, bias, self.lora_A, router, self.lora_B, router_input, into_base, mask,
                 MixSpec(scaling, self.gate_backward_power, self.top_k))
-        self._record_routing(tuple(stats), tokens.shape[0])
+        self._record_routing(stats, tokens.shape[0])
         if base_out is not None and into_base is None:
             return base_out + out.to(base_out.dtype)
         return out

@@ -93,27 +93,31 @@ def gate_power(gates: torch.Tensor, power: float) -> torch.Tensor:
     return gates.pow(power)
 
 
-def routing_statistics(weights: torch.Tensor, index: torch.Tensor,
-                       num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_statistics(weights: torch.Tensor, index: torch.Tensor, num_experts: int) -> torch.Tensor:
     """What the layer records of a forward pass, from the kept gates ``weights`` and experts ``index``
-    (both ``(T, top_k)``, ``top_k_routing``):
+    (both ``(T, top_k)``, ``top_k_routing``), as one ``(2E + 1,)`` float32 tensor:
 
-    - ``sq_sum`` ``(E,)`` float32: ``sum_t g_te^2`` (the gate-rescaled preconditioner's statistic);
-    - ``counts`` ``(E,)`` int64: token-to-expert assignments per expert (the expert load is
-      ``counts / counts.sum()``, ``1 / E`` everywhere under perfectly balanced routing);
-    - ``entropy_sum`` ``()`` float32: the sum over tokens of the entropy (nats) of each token's gates.
+    - ``[:E]``: ``sum_t g_te^2`` (the gate-rescaled preconditioner's statistic);
+    - ``[E:2E]``: each expert's share of the ``T * top_k`` token-to-expert assignments (the expert load;
+      ``1 / E`` everywhere under perfectly balanced routing);
+    - ``[2E]``: the mean over tokens of the entropy (nats) of each token's gates.
 
     On a CPU the squares are added into their experts' slots (``index_add_``, in order); elsewhere, where
     that runs on atomics in no fixed order, through the dense gates, so that the sum is reproducible.
     """
     weights = weights.float()
+    tokens = weights.shape[0]
     squares = weights.square()
     if index.device.type == "cpu":
         sq_sum = squares.new_zeros(num_experts).index_add_(0, index.reshape(-1), squares.reshape(-1))
     else:
-        sq_sum = squares.new_zeros(weights.shape[0], num_experts).scatter_(-1, index, squares).sum(dim=0)
-    counts = torch.bincount(index.reshape(-1), minlength=num_experts)
-    return sq_sum, counts, torch.special.entr(weights).sum()  # entr(g) = -g log g, 0 at g = 0
+        sq_sum = squares.new_zeros(tokens, num_experts).scatter_(-1, index, squares).sum(dim=0)
+    # Whole numbers below 2**24 add exactly in float32 in any order (and, unlike bincount, into a fixed size).
+    flat = index.reshape(-1)
+    counts = squares.new_zeros(num_experts).index_add_(0, flat, squares.new_ones(flat.shape))
+    load = counts / max(index.numel(), 1)
+    entropy = torch.special.entr(weights).sum() / max(tokens, 1)  # entr(g) = -g log g, 0 at g = 0
+    return torch.cat([sq_sum, load, entropy.view(1)])
 
 
 def init_router_(weight: torch.Tensor, scheme: str, std: float = 0.02) -> None:

@@ -116,7 +116,7 @@ def _load() -> ctypes.CDLL | None:
                           "the layer's routing, gate products and dropout run as PyTorch ops (same results, slower)", stacklevel=3)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        library.moelora_route_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        library.moelora_route_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
         library.moelora_route_f32.restype = None
         library.moelora_gate_backward_f32.argtypes = [i64, i64, i64, ctypes.c_double, ptr, ptr, i64, ptr, ptr, i64,
                                                       ptr, ptr, i64]
@@ -153,40 +153,32 @@ def applies(logits: torch.Tensor, h: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and _load() is not None)
 
 
-def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``(gates, z, (sq_sum, counts, entropy_sum))`` of ``moelora.layers.dense.route_and_gate``.
-
-    ``logits`` (T, E) and ``h`` (T, E*r), float32 with contiguous rows; ``gates`` (T, E) and
-    ``z = h * gates`` repeated over each expert's ``r`` columns (T, E*r) are new contiguous tensors.
-    """
+def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gates, z, stats)`` of ``moelora.layers.dense.route_and_gate``, for ``logits`` (T, E) and ``h``
+    (T, E*r) that ``applies`` accepts: ``gates`` (T, E) and ``z = h * gates`` repeated over each expert's
+    ``r`` columns (T, E*r) are new contiguous tensors, ``stats`` is ``routing_statistics``' (2E + 1,)."""
     library = _load()
-    assert library is not None and applies(logits, h)
+    assert library is not None
     tokens, num_experts = logits.shape
     rank = h.shape[1] // num_experts
     gates = logits.new_empty(tokens, num_experts)
     z = h.new_empty(tokens, num_experts * rank)
-    sq_sum = torch.zeros(num_experts, dtype=torch.float64)
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    entropy = torch.zeros(1, dtype=torch.float64)
+    stats = logits.new_empty(2 * num_experts + 1)
     library.moelora_route_f32(tokens, num_experts, rank, top_k, logits.data_ptr(), logits.stride(0), h.data_ptr(),
-                              h.stride(0), gates.data_ptr(), z.data_ptr(), sq_sum.data_ptr(), counts.data_ptr(),
-                              entropy.data_ptr())
-    return gates, z, (sq_sum.float(), counts, entropy.float()[0])
+                              h.stride(0), gates.data_ptr(), z.data_ptr(), stats.data_ptr())
+    return gates, z, stats
 
 
 def gate_backward(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, power: float,
                   grad_h: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
     """Writes ``grad_h`` (T, E*r) and ``grad_logits`` (T, E) and returns ``h * G^p`` (T, E*r), as
-    ``moelora.layers.dense.gate_products`` computes them."""
+    ``moelora.layers.dense.gate_products`` computes them, for tensors that ``applies`` accepts."""
     library = _load()
     assert library is not None
     tokens, num_experts = gates.shape
     rank = h.shape[1] // num_experts
     scaled_dz = scaled_dz.contiguous()
     gates = gates.contiguous()
-    for tensor in (scaled_dz, h, gates, grad_h, grad_logits):
-        if not _rows(tensor):
-            raise ValueError("gate_backward takes float32 CPU tensors with contiguous rows")
     hgp = h.new_empty(tokens, num_experts * rank)
     library.moelora_gate_backward_f32(tokens, num_experts, rank, float(power), scaled_dz.data_ptr(), h.data_ptr(),
                                       h.stride(0), gates.data_ptr(), grad_h.data_ptr(), grad_h.stride(0),

@@ -63,7 +63,7 @@ static inline float exp_nonpositive(float x) {
  *   logits (T, E) row stride ls; h (T, E*r) row stride hs
  *   gates (T, E): renormalised softmax over each token's kept experts, 0 elsewhere
  *   z (T, E*r) = h * gates repeated over each expert's r columns
- *   sq_sum (E,) += sum_t gates^2; counts (E,) += kept assignments; entropy[0] += sum_t entropy of gates_t
+ *   stats (2E + 1,): [sum_t gates^2 (E) | share of the T * top_k assignments per expert (E) | mean entropy]
  * Tokens go LANES at a time through (E, LANES) tiles, every loop running across the tile's tokens, so that
  * it vectorises and has no data-dependent branch (which experts a token keeps is unpredictable). The top-1
  * expert is always kept, so the kept maximum is the maximum. A token's entropy is
@@ -71,7 +71,9 @@ static inline float exp_nonpositive(float x) {
  */
 void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
                        const float *logits, int64_t ls, const float *h, int64_t hs,
-                       float *gates, float *z, double *sq_sum, int64_t *counts, double *entropy) {
+                       float *gates, float *z, float *stats) {
+    double sq_sum[MAX_EXPERTS] = {0.0};
+    int64_t counts[MAX_EXPERTS] = {0};
     static _Thread_local float lt[MAX_EXPERTS * LANES], gt[MAX_EXPERTS * LANES], ge[MAX_COLUMNS];
     static _Thread_local float keep[MAX_EXPERTS * LANES];
     double ent = 0.0;
@@ -119,7 +121,11 @@ void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
             for (int64_t c = 0; c < E * r; c++) zr[c] = hr[c] * ge[c];  /* ... so that this loop vectorises */
         }
     }
-    entropy[0] += ent;
+    for (int64_t j = 0; j < E; j++) {
+        stats[j] = (float)sq_sum[j];
+        stats[E + j] = T > 0 ? (float)counts[j] / (float)(T * top_k) : 0.0f;
+    }
+    stats[2 * E] = T > 0 ? (float)(ent / (double)T) : 0.0f;
 }
 
 /* The gate products of the backward pass, with sdz = s * dL/dout B_cat (T, E*r, contiguous):
