@@ -108,13 +108,14 @@ def routing_statistics(weights: torch.Tensor, index: torch.Tensor, num_experts: 
     weights = weights.float()
     tokens = weights.shape[0]
     squares = weights.square()
+    # Fixed-size results (unlike bincount's), so that torch.compile traces them.
     if index.device.type == "cpu":
-        sq_sum = squares.new_zeros(num_experts).index_add_(0, index.reshape(-1), squares.reshape(-1))
+        flat = index.reshape(-1)
+        sq_sum = squares.new_zeros(num_experts).index_add_(0, flat, squares.reshape(-1))
+        counts = squares.new_zeros(num_experts).index_add_(0, flat, squares.new_ones(flat.shape))
     else:
         sq_sum = squares.new_zeros(tokens, num_experts).scatter_(-1, index, squares).sum(dim=0)
-    # Whole numbers below 2**24 add exactly in float32 in any order (and, unlike bincount, into a fixed size).
-    flat = index.reshape(-1)
-    counts = squares.new_zeros(num_experts).index_add_(0, flat, squares.new_ones(flat.shape))
+        counts = squares.new_zeros(tokens, num_experts).scatter_(-1, index, 1.0).sum(dim=0)
     load = counts / max(index.numel(), 1)
     entropy = torch.special.entr(weights).sum() / max(tokens, 1)  # entr(g) = -g log g, 0 at g = 0
     return torch.cat([sq_sum, load, entropy.view(1)])
