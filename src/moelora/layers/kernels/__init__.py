@@ -110,7 +110,7 @@ def _load() -> ctypes.CDLL | None:
             return None
         try:
             library = ctypes.CDLL(str(_compile(compiler)))
-        except (OSError, subprocess.SubprocessError) as error:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
             detail = getattr(error, "stderr", b"") or b""
             warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail.decode(errors='replace')[-500:]}); "
                           "the layer's routing, gate products and dropout run as PyTorch ops (same results, slower)", stacklevel=3)
