@@ -267,9 +267,9 @@ class MoELoRALinear(nn.Module):
                 weight, bias = self.base_layer.weight, self.base_layer.bias
             # The experts' output goes into the base output inside a GEMM when the dtypes agree.
             into_base = base_out if base_out is not None and base_out.dtype == dtype else None
-            out, stats = DenseMoELoRA.apply(
-                tokens if tokens.dtype == dtype else tokens.to(dtype), weight, bias, self.lora_A, router, self.lora_B, router_input, into_base, mask,
-                MixSpec(scaling, self.gate_backward_power, self.top_k))
+            inputs = tokens if tokens.dtype == dtype else tokens.to(dtype)
+            out, stats = DenseMoELoRA.apply(inputs, weight, bias, self.lora_A, router, self.lora_B, router_input,
+                                            into_base, mask, MixSpec(scaling, self.gate_backward_power, self.top_k))
         self._record_routing(stats, tokens.shape[0])
         if base_out is not None and into_base is None:
             return base_out + out.to(base_out.dtype)
