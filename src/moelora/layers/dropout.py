@@ -109,6 +109,12 @@ def mask_values(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.view(torch.uint8).to(dtype)
 
 
+def _multiply(x: torch.Tensor, keep: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x * keep`` for a boolean ``keep`` of ``x``'s shape, into ``x`` itself with ``inplace``."""
+    values = mask_values(keep, x.dtype)
+    return x.mul_(values) if inplace else x * values
+
+
 @dataclass(frozen=True)
 class DropoutMask:
     """A keep-mask of ``shape`` known by its generator seed: ``materialize()`` draws the same boolean mask
@@ -149,8 +155,7 @@ class DropoutMask:
             out = kernels.dropout(x, self.seed, _keep_threshold(self.p), out=x if inplace else None)
             if out is not None:
                 return out
-        values = mask_values(self.materialize(), x.dtype)
-        return x.mul_(values) if inplace else x * values
+        return _multiply(x, self.materialize(), inplace)
 
 
 class _Dropped(torch.autograd.Function):
@@ -175,14 +180,8 @@ def draw_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return DropoutMask.draw(shape, p, device)
 
 
-def keep_values(mask: DropoutMask | torch.Tensor | None) -> torch.Tensor | None:
-    """The boolean keep-mask of ``mask`` (drawn from its seed for a ``DropoutMask``), or None."""
-    return mask.materialize() if isinstance(mask, DropoutMask) else mask
-
-
 def apply_mask(mask: DropoutMask | torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``x * m`` for a ``DropoutMask`` or a boolean mask tensor ``m`` of ``x``'s shape."""
     if isinstance(mask, DropoutMask):
         return mask.apply(x, inplace)
-    values = mask_values(mask, x.dtype)
-    return x.mul_(values) if inplace else x * values
+    return _multiply(x, mask, inplace)

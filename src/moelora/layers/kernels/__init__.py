@@ -38,9 +38,21 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c", "batched.c")]
-MAX_SMALL_RANK = 16  # batched.c's r x r scratch
 _FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
-MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # the kernels' scratch arrays: E, and E * r
+MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # gates.c's scratch arrays: E, and E * r
+MAX_SMALL_RANK = 16  # batched.c's r x r scratch
+
+_I64, _U64, _U32, _F64, _PTR = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
+_SIGNATURES = {  # every function returns void
+    "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR],
+    "moelora_gate_backward_f32": [_I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64],
+    "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
+    "moelora_dropout_f32": [_I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32],
+    "moelora_gram_rows_f32": [_I64, _I64, _I64, _PTR, _PTR],
+    "moelora_gram_cols_f32": [_I64, _I64, _I64, _PTR, _PTR],
+    "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "moelora_right_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -96,44 +108,36 @@ def _compile(compiler: str) -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot be built; built and loaded on the first call."""
     global _library, _loaded
+    if _loaded:  # every kernel call asks: no lock once the one load is done
+        return _library
     with _lock:
-        if _loaded:
-            return _library
-        _loaded = True
-        if os.environ.get("MOELORA_CPU_KERNELS", "1") == "0":
-            return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing, gate products and "
-                          "dropout run as PyTorch ops on the CPU (same results, slower)", stacklevel=3)
-            return None
-        try:
-            library = ctypes.CDLL(str(_compile(compiler)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
-            detail = getattr(error, "stderr", b"") or b""
-            warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail.decode(errors='replace')[-500:]}); "
-                          "the layer's routing, gate products and dropout run as PyTorch ops (same results, slower)", stacklevel=3)
-            return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        library.moelora_route_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
-        library.moelora_route_f32.restype = None
-        library.moelora_gate_backward_f32.argtypes = [i64, i64, i64, ctypes.c_double, ptr, ptr, i64, ptr, ptr, i64,
-                                                      ptr, ptr, i64]
-        library.moelora_gate_backward_f32.restype = None
-        u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-        library.moelora_keep_mask.argtypes = [i64, u64, u32, ptr]
-        library.moelora_keep_mask.restype = None
-        library.moelora_dropout_f32.argtypes = [i64, i64, ptr, i64, ptr, i64, u64, u32]
-        library.moelora_dropout_f32.restype = None
-        for name in ("moelora_gram_rows_f32", "moelora_gram_cols_f32"):
-            getattr(library, name).argtypes = [i64, i64, i64, ptr, ptr]
-            getattr(library, name).restype = None
-        for name in ("moelora_left_mul_f32", "moelora_right_mul_f32"):
-            getattr(library, name).argtypes = [i64, i64, i64, ptr, ptr, ptr]
-            getattr(library, name).restype = None
-        _library = library
-        return library
+        if not _loaded:
+            _library = _build_and_open()
+            _loaded = True  # after _library: a thread that sees it set sees the library
+        return _library
+
+
+def _build_and_open() -> ctypes.CDLL | None:
+    if os.environ.get("MOELORA_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing, gate products and "
+                      "dropout run as PyTorch ops on the CPU (same results, slower)", stacklevel=4)
+        return None
+    try:
+        library = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
+        detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace")[-500:]
+        warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail}); the layer's routing, gate "
+                      "products and dropout run as PyTorch ops (same results, slower)", stacklevel=4)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+    return library
 
 
 def available() -> bool:
