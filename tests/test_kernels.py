@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,15 @@ import torch
 from moelora.layers import dense, dropout, kernels
 from moelora.layers.linear import MoELoRALinear
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler to build the CPU gate kernels")
+# Skipped only where the kernels cannot be built at all; with a compiler, a failed build fails the tests.
+pytestmark = pytest.mark.skipif(kernels.compiler() is None or not kernels.wanted(),
+                                reason="no C compiler to build the CPU kernels (or MOELORA_CPU_KERNELS=0)")
+
+
+def test_the_kernels_build_with_this_compiler():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build warns and falls back: here that is a failure
+        assert kernels.available()
 
 
 @pytest.fixture
@@ -68,6 +77,21 @@ def test_route_kernel_ties_keep_the_lower_experts_and_extreme_logits_stay_finite
     assert gates[2, 1] == 1.0 and gates[2, 2] == pytest.approx(float(torch.tensor(-90.0).exp()), rel=1e-5)
     assert torch.isfinite(gates).all() and torch.isfinite(z).all() and torch.isfinite(stats).all()
     assert stats[6:12].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 40])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 1), (64, 8, 2)])
+def test_the_inference_paths_in_place_gating_equals_the_reference(tokens, num_experts, rank, top_k):
+    """``gate_in_place`` on ``z = [logits | h]`` against the training path's routing reference."""
+    z = torch.randn(tokens, num_experts + num_experts * rank, generator=torch.Generator().manual_seed(3))
+    z[:, :num_experts] *= 4
+    logits, h = z[:, :num_experts].clone(), z[:, num_experts:].clone()
+    _, want_z, _ = _reference_route(logits, h, top_k)
+    kernels.gate_in_place(z, num_experts, top_k)
+    assert torch.equal(z[:, :num_experts], logits)  # the logits are read, not written
+    torch.testing.assert_close(z[:, num_experts:], want_z, rtol=1e-6, atol=1e-7)
+    kept = (want_z.view(tokens, num_experts, rank) != 0).any(-1)
+    assert (kept.sum(-1) == top_k).all()
 
 
 @pytest.mark.parametrize("power", [0.0, 0.3, 0.5, 1.0])

@@ -10,6 +10,8 @@ no diagnostics. Per call, for ``x`` ``(T, d_in)``:
     z   = x @ W_cat^T                              (T, E + E*r): router logits and expert projections, one GEMM
     g   = softmax(top_k(z[:, :E]))                 (T, k) weights of the selected experts
     h   = z[:, E:] * G                             (T, E*r) in place; G holds g at the selected experts, 0 elsewhere
+                                                   (on a CPU in float32 these two lines are one compiled pass,
+                                                   ``moelora.layers.kernels.gate_in_place``)
     y  += s * h @ B_cat^T                          one GEMM accumulating into y (addmm_)
 
 ``W_cat = [router.weight; A_1; ...; A_E]`` ``(E + E*r, d_in)`` and ``B_cat^T`` ``(E*r, d_out)`` (row block ``i`` =
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .routing import softmax_rows
 
 if TYPE_CHECKING:
@@ -96,10 +99,13 @@ def inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs
             h = torch.mm(tokens.to(compute), w_cat.t())
             # the router in the adapter's dtype (see the module docstring)
             logits = torch.mm(tokens.to(adapter_dtype), layer.router.weight.t())
-    values, index = logits.float().topk(layer.top_k, dim=-1, sorted=False)  # the order does not matter
-    gates = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device)
-    gates.scatter_(1, index, softmax_rows(values).to(h.dtype))
-    h = h.view(-1, E, layer.rank).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
+    if compute is None and kernels.applies(logits, h):  # one compiled pass over z, in place (a CPU)
+        kernels.gate_in_place(z, E, layer.top_k)
+    else:
+        values, index = logits.float().topk(layer.top_k, dim=-1, sorted=False)  # the order does not matter
+        gates = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device)
+        gates.scatter_(1, index, softmax_rows(values).to(h.dtype))
+        h = h.view(-1, E, layer.rank).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
     if plain and result.dtype == h.dtype:
         result.addmm_(h, b_cat_t, alpha=layer.scaling)  # the base output is a fresh tensor of ours
     else:

@@ -44,7 +44,7 @@ MAX_SMALL_RANK = 16  # batched.c's r x r scratch
 
 _I64, _U64, _U32, _F64, _PTR = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES = {  # every function returns void
-    "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR],
+    "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "moelora_gate_backward_f32": [_I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64],
     "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
     "moelora_dropout_f32": [_I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32],
@@ -119,16 +119,26 @@ def _load() -> ctypes.CDLL | None:
         return _library
 
 
+def wanted() -> bool:
+    """Whether the kernels are to be built: not turned off (``MOELORA_CPU_KERNELS=0``)."""
+    return os.environ.get("MOELORA_CPU_KERNELS", "1") != "0"
+
+
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc`` on the path."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _build_and_open() -> ctypes.CDLL | None:
-    if os.environ.get("MOELORA_CPU_KERNELS", "1") == "0":
+    if not wanted():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing, gate products and "
                       "dropout run as PyTorch ops on the CPU (same results, slower)", stacklevel=4)
         return None
     try:
-        library = ctypes.CDLL(str(_compile(compiler)))
+        library = ctypes.CDLL(str(_compile(compiler_path)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
         detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace")[-500:]
         warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail}); the layer's routing, gate "
@@ -169,8 +179,21 @@ def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tens
     z = h.new_empty(tokens, num_experts * rank)
     stats = logits.new_empty(2 * num_experts + 1)
     library.moelora_route_f32(tokens, num_experts, rank, top_k, logits.data_ptr(), logits.stride(0), h.data_ptr(),
-                              h.stride(0), gates.data_ptr(), z.data_ptr(), stats.data_ptr())
+                              h.stride(0), gates.data_ptr(), z.data_ptr(), z.stride(0), stats.data_ptr())
     return gates, z, stats
+
+
+def gate_in_place(z: torch.Tensor, num_experts: int, top_k: int) -> None:
+    """The inference path's routing (``moelora.layers.inference``): for ``z = [logits | h]`` (T, E + E*r)
+    of the fused GEMM, ``h`` multiplied in place by the renormalised top-k softmax gates of ``logits``
+    (0 for the experts a token does not keep), for a ``z`` that ``applies`` accepts (as ``z[:, :E]`` and
+    ``z[:, E:]``). No gates or statistics are kept."""
+    library = _load()
+    assert library is not None
+    tokens, columns = z.shape
+    rank = (columns - num_experts) // num_experts
+    row, h = z.stride(0), z.data_ptr() + num_experts * z.element_size()
+    library.moelora_route_f32(tokens, num_experts, rank, top_k, z.data_ptr(), row, h, row, None, h, row, None)
 
 
 def gate_backward(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, power: float,

@@ -10,6 +10,7 @@
  * and -fopenmp-simd (the simd pragmas, no OpenMP runtime).
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define MAX_EXPERTS 1024 /* moelora.layers.kernels.MAX_EXPERTS */
@@ -62,8 +63,9 @@ static inline float exp_nonpositive(float x) {
 /* Forward routing and the gated expert projections of T tokens.
  *   logits (T, E) row stride ls; h (T, E*r) row stride hs
  *   gates (T, E): renormalised softmax over each token's kept experts, 0 elsewhere
- *   z (T, E*r) = h * gates repeated over each expert's r columns
+ *   z (T, E*r) row stride zs = h * gates repeated over each expert's r columns (z may be h: in place)
  *   stats (2E + 1,): [sum_t gates^2 (E) | share of the T * top_k assignments per expert (E) | mean entropy]
+ * gates and stats may be NULL (the inference path needs z alone).
  * Tokens go LANES at a time through (E, LANES) tiles, every loop running across the tile's tokens, so that
  * it vectorises and has no data-dependent branch (which experts a token keeps is unpredictable). The top-1
  * expert is always kept, so the kept maximum is the maximum. A token's entropy is
@@ -71,7 +73,7 @@ static inline float exp_nonpositive(float x) {
  */
 void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
                        const float *logits, int64_t ls, const float *h, int64_t hs,
-                       float *gates, float *z, float *stats) {
+                       float *gates, float *z, int64_t zs, float *stats) {
     double sq_sum[MAX_EXPERTS] = {0.0};
     int64_t counts[MAX_EXPERTS] = {0};
     static _Thread_local float lt[MAX_EXPERTS * LANES], gt[MAX_EXPERTS * LANES], ge[MAX_COLUMNS];
@@ -112,15 +114,16 @@ void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
         for (int64_t q = 0; q < n; q++) {
             int64_t t = t0 + q;
             ent += logf(denom[q]) - spread[q];
-            float *g = gates + t * E;
-            for (int64_t j = 0; j < E; j++) g[j] = gt[j * LANES + q];
+            if (gates != NULL)
+                for (int64_t j = 0; j < E; j++) gates[t * E + j] = gt[j * LANES + q];
             const float *hr = h + t * hs;
-            float *zr = z + t * E * r;
+            float *zr = z + t * zs;
             for (int64_t j = 0; j < E; j++)  /* each gate repeated over its expert's r columns ... */
-                for (int64_t c = 0; c < r; c++) ge[j * r + c] = g[j];
+                for (int64_t c = 0; c < r; c++) ge[j * r + c] = gt[j * LANES + q];
             for (int64_t c = 0; c < E * r; c++) zr[c] = hr[c] * ge[c];  /* ... so that this loop vectorises */
         }
     }
+    if (stats == NULL) return;
     for (int64_t j = 0; j < E; j++) {
         stats[j] = (float)sq_sum[j];
         stats[E + j] = T > 0 ? (float)counts[j] / (float)(T * top_k) : 0.0f;
