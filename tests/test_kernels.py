@@ -94,6 +94,41 @@ def test_the_inference_paths_in_place_gating_equals_the_reference(tokens, num_ex
     assert (kept.sum(-1) == top_k).all()
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 1), (7, 2, 7), (64, 8, 2)])
+def test_the_decode_kernel_equals_the_fused_gemm_path(tokens, num_experts, rank, top_k):
+    """``decode`` (kept experts' rows only) against ``y + s * gate(x @ W_cat^T) @ B_cat^T``."""
+    g = torch.Generator().manual_seed(4)
+    d_in, d_out, scaling = 48, 40, 2.0
+    x = torch.randn(tokens, d_in, generator=g)
+    w_cat = torch.randn(num_experts + num_experts * rank, d_in, generator=g) * 0.3
+    b_cat_t = torch.randn(num_experts * rank, d_out, generator=g)
+    base = torch.randn(tokens, d_out, generator=g)
+    z = x @ w_cat.t()
+    _, gated, _ = _reference_route(z[:, :num_experts], z[:, num_experts:], top_k)
+    want = base + scaling * gated @ b_cat_t
+    got = base.clone()
+    assert kernels.decode_applies(x, got, w_cat, b_cat_t, num_experts)
+    kernels.decode(x, got, w_cat, b_cat_t, num_experts, top_k, scaling)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 0.1
+
+
+def test_the_decode_kernel_keeps_the_lower_experts_on_ties_and_is_refused_beyond_its_limits():
+    x = torch.randn(2, 8)
+    w_cat = torch.zeros(4 + 4 * 2, 8)  # a zero router: all logits tied
+    w_cat[4:] = torch.randn(8, 8)
+    b_cat_t = torch.randn(8, 6)
+    got = torch.zeros(2, 6)
+    kernels.decode(x, got, w_cat, b_cat_t, 4, 2, 1.0)
+    h = (x @ w_cat[4:].t()).view(2, 4, 2)
+    want = 0.5 * h[:, :2].reshape(2, 4) @ b_cat_t[:4]  # experts 0 and 1, gate 1/2 each
+    torch.testing.assert_close(got, want)
+    many = torch.randn(kernels.DECODE_MAX_TOKENS + 1, 8)
+    assert not kernels.decode_applies(many, torch.zeros(len(many), 6), w_cat, b_cat_t, 4)
+    assert not kernels.decode_applies(x.double(), got.double(), w_cat.double(), b_cat_t.double(), 4)
+
+
 @pytest.mark.parametrize("power", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 2)])
 def test_gate_backward_kernel_equals_the_reference(power, num_experts, rank, top_k, reference):

@@ -14,6 +14,11 @@ no diagnostics. Per call, for ``x`` ``(T, d_in)``:
                                                    ``moelora.layers.kernels.gate_in_place``)
     y  += s * h @ B_cat^T                          one GEMM accumulating into y (addmm_)
 
+On a CPU in float32 with a plain ``nn.Linear`` base, up to ``kernels.DECODE_MAX_TOKENS`` tokens (decoding)
+take one compiled pass after ``base(x)`` instead (``moelora.layers.kernels.decode``): per token the router
+row dot products, the top-k softmax, and only the kept experts' rows of ``W_cat`` and ``B_cat^T`` (at
+E = 20, top_k = 10 a little over half of what the two GEMMs read), accumulated into ``y`` in place.
+
 ``W_cat = [router.weight; A_1; ...; A_E]`` ``(E + E*r, d_in)`` and ``B_cat^T`` ``(E*r, d_out)`` (row block ``i`` =
 ``B_i^T``) are derived buffers, kept per dtype and device and rebuilt when a parameter changes: the cache key
 holds each parameter's version counter (bumped by every in-place op, an optimizer step, ``copy_``,
@@ -91,6 +96,9 @@ def inference_forward(layer: MoELoRALinear, x: torch.Tensor, args: tuple, kwargs
     adapter_dtype = layer._parameters["lora_A"].dtype  # type: ignore[union-attr]
     if compute is None:
         w_cat, b_cat_t = fused_weights(layer, adapter_dtype, with_router=True)
+        if plain and kernels.decode_applies(tokens, result, w_cat, b_cat_t, E):  # decoding on a CPU: one pass
+            kernels.decode(tokens, result, w_cat, b_cat_t, E, layer.top_k, layer.scaling)
+            return result.view(*x.shape[:-1], d_out)
         z = torch.mm(tokens if tokens.dtype == adapter_dtype else tokens.to(adapter_dtype), w_cat.t())
         logits, h = z[:, :E], z[:, E:]
     else:

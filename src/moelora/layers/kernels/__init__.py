@@ -46,6 +46,7 @@ _I64, _U64, _U32, _F64, _PTR = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
 _SIGNATURES = {  # every function returns void
     "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "moelora_gate_backward_f32": [_I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64],
+    "moelora_decode_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _F64, _PTR, _I64, _PTR, _PTR, _PTR, _I64],
     "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
     "moelora_dropout_f32": [_I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32],
     "moelora_gram_rows_f32": [_I64, _I64, _I64, _PTR, _PTR],
@@ -194,6 +195,33 @@ def gate_in_place(z: torch.Tensor, num_experts: int, top_k: int) -> None:
     rank = (columns - num_experts) // num_experts
     row, h = z.stride(0), z.data_ptr() + num_experts * z.element_size()
     library.moelora_route_f32(tokens, num_experts, rank, top_k, z.data_ptr(), row, h, row, None, h, row, None)
+
+
+# The decode kernel serves up to this many tokens (it reads the weights once per token) and experts (its
+# top-k compares every pair of a token's logits).
+DECODE_MAX_TOKENS, DECODE_MAX_EXPERTS = 8, 128
+
+
+def decode_applies(x: torch.Tensor, out: torch.Tensor, w_cat: torch.Tensor, b_cat_t: torch.Tensor,
+                   num_experts: int) -> bool:
+    """Whether ``decode`` serves these tensors: few float32 CPU tokens with contiguous rows, contiguous fused
+    weights, outside ``torch.compile``."""
+    return (x.shape[0] <= DECODE_MAX_TOKENS and num_experts <= DECODE_MAX_EXPERTS and _rows(x) and _rows(out)
+            and _plain(w_cat, b_cat_t) and _load() is not None)
+
+
+def decode(x: torch.Tensor, out: torch.Tensor, w_cat: torch.Tensor, b_cat_t: torch.Tensor, num_experts: int,
+           top_k: int, scaling: float) -> None:
+    """``out += s * sum_i g_i(x) B_i A_i x`` in place for ``x`` (T, d_in) and ``out`` (T, d_out), from the
+    inference path's fused weights ``W_cat = [router; A]`` (E + E*r, d_in) and ``B_cat^T`` (E*r, d_out),
+    reading only each token's kept experts (``moelora.layers.inference``), for tensors that
+    ``decode_applies`` accepts."""
+    library = _load()
+    assert library is not None
+    tokens, d_in = x.shape
+    rank = (w_cat.shape[0] - num_experts) // num_experts
+    library.moelora_decode_f32(tokens, num_experts, rank, top_k, d_in, out.shape[1], float(scaling), x.data_ptr(),
+                               x.stride(0), w_cat.data_ptr(), b_cat_t.data_ptr(), out.data_ptr(), out.stride(0))
 
 
 def gate_backward(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, power: float,

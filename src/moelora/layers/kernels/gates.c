@@ -176,3 +176,52 @@ void moelora_gate_backward_f32(int64_t T, int64_t E, int64_t r, double power,
         for (int64_t j = 0; j < E; j++) gl[j] = g[j] * (dg[j] - inner);
     }
 }
+
+/* The inference path's whole adapter for a few tokens (key/value-cache decoding), added into the base
+ * output in place:
+ *   y_t += s * sum over token t's kept experts i of g_ti * B_i (A_i x_t)
+ * for x (T, d_in) row stride xs, w (E + E*r, d_in) contiguous = [router; A_1; ...; A_E], bt (E*r, d_out)
+ * contiguous with row block i = B_i^T, y (T, d_out) row stride ys. The routing is the forward kernel's
+ * (top-k by counting, lower expert ids kept on ties, the same exponential). Per token it reads the router
+ * and only the kept experts' rows of A and B: at top_k < E that is less than the two GEMMs over every
+ * expert read, and one call instead of three. For few tokens only: the weights are read once per token.
+ */
+void moelora_decode_f32(int64_t T, int64_t E, int64_t r, int64_t top_k, int64_t d_in, int64_t d_out,
+                        double scaling, const float *x, int64_t xs, const float *w, const float *bt,
+                        float *y, int64_t ys) {
+    float logits[MAX_EXPERTS], weight[MAX_EXPERTS];
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * xs;
+        float *yr = y + t * ys;
+        for (int64_t j = 0; j < E; j++) {
+            const float *wr = w + j * d_in;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < d_in; c++) acc += wr[c] * xr[c];
+            logits[j] = acc;
+        }
+        float top = logits[0], denom = 0.0f;
+        for (int64_t j = 1; j < E; j++) top = logits[j] > top ? logits[j] : top;
+        for (int64_t j = 0; j < E; j++) {
+            int64_t above = 0;
+            for (int64_t i = 0; i < j; i++) above += logits[i] >= logits[j];
+            for (int64_t i = j + 1; i < E; i++) above += logits[i] > logits[j];
+            weight[j] = above < top_k ? exp_nonpositive(logits[j] - top) : 0.0f;
+            denom += weight[j];
+        }
+        for (int64_t j = 0; j < E; j++) {
+            if (weight[j] == 0.0f) continue;
+            float g = weight[j] / denom;
+            for (int64_t c = 0; c < r; c++) {
+                const float *ar = w + (E + j * r + c) * d_in;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < d_in; k++) acc += ar[k] * xr[k];
+                float hc = (float)scaling * (acc * g);
+                const float *br = bt + (j * r + c) * d_out;
+#pragma omp simd
+                for (int64_t o = 0; o < d_out; o++) yr[o] += hc * br[o];
+            }
+        }
+    }
+}
