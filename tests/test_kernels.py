@@ -151,66 +151,6 @@ def test_gate_backward_kernel_equals_the_reference(power, num_experts, rank, top
     assert want_buffer[:, num_experts * rank :].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("tokens,width", [(5, 24), (3, 4097), (4, 9)])  # beyond one chunk; odd row starts
-def test_dropout_with_the_routers_share_equals_the_reference(tokens, width):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(tokens, width, generator=g)
-    router = torch.randn(6, width, generator=g)
-    mask = dropout.DropoutMask((tokens, width), 0.3, torch.device("cpu"), seed=123456789)
-    keep = mask.materialize()
-    dropped_x = x * ~keep
-    assert kernels.dropout_router_applies(x, router)
-    experts_in, correction = kernels.dropout_router(x, mask.seed, mask.threshold, router.t().contiguous())
-    assert torch.equal(experts_in, x * keep)  # the same mask, bit for bit
-    torch.testing.assert_close(correction, dropped_x @ router.t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(experts_in @ router.t() + correction, x @ router.t(), rtol=1e-5, atol=1e-4)
-
-    grad_logits = torch.randn(tokens, 6, generator=g)
-    joint = torch.randn(tokens, width, generator=g)  # stands for [dh, dlogits] [A_cat; R]
-    grad_x, grad_router_t = joint.clone(), torch.zeros(width, 6)
-    kernels.dropout_router_backward(x, mask.seed, mask.threshold, grad_logits, router.t().contiguous(), grad_x,
-                                    grad_router_t)
-    want_x = torch.where(keep, joint, grad_logits @ router)
-    torch.testing.assert_close(grad_x, want_x, rtol=1e-5, atol=1e-5)
-    assert torch.equal(grad_x[keep], joint[keep])  # the kept elements untouched
-    torch.testing.assert_close(grad_router_t, dropped_x.t() @ grad_logits, rtol=1e-5, atol=1e-5)
-    only_router = torch.zeros(width, 6)
-    kernels.dropout_router_backward(x, mask.seed, mask.threshold, grad_logits, router.t().contiguous(), None,
-                                    only_router)
-    assert torch.equal(only_router, grad_router_t)
-
-
-def test_under_dropout_the_routers_gemms_join_the_experts_with_the_same_results(monkeypatch):
-    """The joint path (router logits and gradients from the experts' GEMMs on x * m plus the dropped share)
-    against the split path (the router's own GEMMs on x), both with the kernels on."""
-    torch.manual_seed(0)
-    layer = MoELoRALinear(torch.nn.Linear(40, 24), num_experts=8, top_k=3, rank=4, alpha=8.0, dropout=0.25,
-                          gate_backward_power=0.5)
-    with torch.no_grad():
-        layer.lora_B.normal_(0.0, 0.1)
-        layer.router.weight.normal_(0.0, 0.3)
-    x = torch.randn(60, 40)
-    upstream = torch.randn(60, 24)
-    calls = []
-    real = kernels.dropout_router
-    monkeypatch.setattr(kernels, "dropout_router", lambda *args: calls.append(1) or real(*args))
-    results = []
-    for joint in (True, False):
-        if not joint:
-            monkeypatch.setattr(dense, "masked_router_share", lambda *args: False)
-        layer.zero_grad()
-        layer.reset_gate_stats()
-        inputs = x.clone().requires_grad_(True)
-        torch.manual_seed(1)  # the same dropout mask
-        out = layer(inputs)
-        (out * upstream).sum().backward()
-        results.append([out.detach(), inputs.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad,
-                        layer.gate_sq_sum.clone()])
-    assert calls == [1]  # the joint path ran once, the split path did not call the kernel
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_a_float32_layer_gives_the_same_outputs_and_gradients_with_and_without_the_kernels(dropout, monkeypatch):
     torch.manual_seed(0)

@@ -23,12 +23,6 @@ paper's engineering strategy (``routing.gate_power``) and ``s dz = s d B_cat`` (
     d[A; R]  = [dh, dlogits]^T x                            (E*r + E, d_in)    with x * m for A
     dx       = [dh, dlogits] [A_cat; R] + d W               (T, d_in)          dh A_cat * m with a mask
 
-Under a dropout mask on a CPU the router's terms are split into kept and dropped elements, so that they
-share the experts' GEMMs on ``x * m``: ``logits = (x * m) R^T + (x * (1 - m)) R^T``,
-``dR = dlogits^T (x * m) + dlogits^T (x * (1 - m))``, and ``dx`` is ``[dh, dlogits] [A_cat; R]`` where
-the mask keeps and ``dlogits R`` where it drops; the dropped shares (a fraction p of the elements) come
-from the dropout kernels (``masked_router_share``).
-
 The router receives the exact gradient of the forward value; the experts' parameters and the layer input
 receive it through ``G^p`` instead of ``G``.
 
@@ -143,16 +137,6 @@ def gate_products(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor,
     return (h3 * gp).view(tokens, -1)
 
 
-def masked_router_share(mask: DropoutMask | torch.Tensor | None, x: torch.Tensor, router: torch.Tensor) -> bool:
-    """Whether the router's logits come out of the experts' GEMM on ``x * m`` under a dropout mask: a CPU
-    ``DropoutMask`` over float32 ``x`` where the kernels serve. The dropped elements' share
-    ``(x * (1 - m)) R^T`` (a fraction p of ``x``) is added by the dropout kernel, and in the backward pass
-    its gradients likewise: the router's small GEMMs on ``x`` (``N = E`` logits, ``M = E`` weight
-    gradient, ``K = E`` input gradient) join the experts' instead of running on their own."""
-    return (isinstance(mask, DropoutMask) and mask.device.type == "cpu" and router.dtype == x.dtype
-            and kernels.dropout_router_applies(x, router))
-
-
 class DenseMoELoRA(torch.autograd.Function):
     """``(x, W | None, b | None, A, R, B, router_input | None, base | None, mask | None, spec)`` ->
     ``(out, stats)``.
@@ -177,20 +161,10 @@ class DenseMoELoRA(torch.autograd.Function):
         num_experts, rank, _ = lora_a.shape
         experts_cols = num_experts * rank
         a_cat = stacked_a(lora_a, dtype)
-        # Under dropout on a CPU, the router's logits too come out of the experts' GEMM on x * m, with the
-        # dropped elements' share added by the dropout kernel (masked_router_share).
-        masked_joint = router_input is None and masked_router_share(mask, x, router)
         joint = router_input is None and mask is None
-        if joint or masked_joint:  # one GEMM for the experts and the router: [h, logits] = x [A_cat; R]^T
-            if masked_joint:
-                assert isinstance(mask, DropoutMask)
-                experts_in, correction = kernels.dropout_router(x, mask.seed, mask.threshold, router.t().contiguous())
-            else:
-                experts_in, correction = x, None
-            projected = experts_in @ torch.cat([a_cat, _as(router, dtype)]).t()
+        if joint:  # one GEMM for the experts and the router: [h, logits] = x [A_cat; R]^T
+            projected = x @ torch.cat([a_cat, _as(router, dtype)]).t()
             h, logits = projected[:, :experts_cols], projected[:, experts_cols:]
-            if correction is not None:
-                logits.add_(correction)  # the router reads x: x R^T = (x * m) R^T + (x * (1 - m)) R^T
         else:
             h = (x if mask is None else apply_mask(mask, x)) @ a_cat.t()
             logits = x @ _as(router, dtype).t() if router_input is None else router_input @ router.t()
@@ -208,7 +182,7 @@ class DenseMoELoRA(torch.autograd.Function):
         stored_mask = mask if isinstance(mask, torch.Tensor) else None  # a boolean mask (torch.compile) is kept
         ctx.save_for_backward(x, weight, lora_a, router, lora_b, h, gates, router_input, stored_mask)
         ctx.mask = mask if isinstance(mask, DropoutMask) else None
-        ctx.spec, ctx.joint, ctx.masked_joint, ctx.has_base = spec, joint, masked_joint, base is not None
+        ctx.spec, ctx.joint, ctx.has_base = spec, joint, base is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats)
         return out, stats
@@ -231,7 +205,7 @@ class DenseMoELoRA(torch.autograd.Function):
         if need_h or need_logits:
             scaled_dz = _scaled_mm(grad_out, b_cat, spec.scaling)  # (T, E*r)
             # [dh, dlogits] side by side: one buffer, the operand of the GEMMs into A, R and x.
-            if ctx.joint or ctx.masked_joint:
+            if ctx.joint:
                 grad_proj = x.new_empty(tokens, experts_cols + num_experts)
                 grad_h, grad_logits = grad_proj[:, :experts_cols], grad_proj[:, experts_cols:]
             else:  # the router's gradients in the router's dtype when it reads router_input
@@ -247,22 +221,7 @@ class DenseMoELoRA(torch.autograd.Function):
             grad_bmat = _as(swap_leading(grad_b_cat.view(-1, num_experts, rank)), lora_b.dtype)
 
         mask = stored if ctx.mask is None else ctx.mask  # a DropoutMask draws the forward pass's mask again
-        if ctx.masked_joint:
-            assert isinstance(mask, DropoutMask)
-            router_t = router.t().contiguous()
-            if need_a or need_r:
-                grad_ar = grad_proj.t() @ apply_mask(mask, x)  # (E*r + E, d_in): the router's kept share
-                grad_a = grad_ar[:experts_cols]
-            if need_x:  # [dh, dlogits] [A_cat; R]: right where the mask keeps, the router's share alone where not
-                grad_x = grad_proj @ torch.cat([a_cat, router])
-            grad_router_t = x.new_zeros(router_t.shape) if need_r else None
-            if need_x or need_r:
-                kernels.dropout_router_backward(x, mask.seed, mask.threshold, grad_logits, router_t, grad_x,
-                                                grad_router_t)
-            if need_r:
-                assert grad_router_t is not None
-                grad_r = grad_ar[experts_cols:] + grad_router_t.t()
-        elif ctx.joint:
+        if ctx.joint:
             if need_a or need_r:
                 grad_ar = grad_proj.t() @ x  # (E*r + E, d_in)
                 grad_a, grad_r = grad_ar[:experts_cols], _as(grad_ar[experts_cols:], router.dtype)

@@ -134,11 +134,6 @@ class DropoutMask:
         seed = int(torch.randint(0, _INT64_MAX, (1,), dtype=torch.int64))
         return cls(tuple(shape), p, torch.device(device), seed)
 
-    @property
-    def threshold(self) -> int:
-        """The CPU mask's keep threshold on its 16-bit lanes (``hashed_lanes``): ``q * 2**16``."""
-        return _keep_threshold(self.p)
-
     def materialize(self) -> torch.Tensor:
         """The ``bool`` keep-mask: ``hashed_keep_mask`` on a CPU, elsewhere ``keep_mask`` from a generator
         seeded with ``seed``."""

@@ -49,9 +49,6 @@ _SIGNATURES = {  # every function returns void
     "moelora_decode_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _F64, _PTR, _I64, _PTR, _PTR, _PTR, _I64],
     "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
     "moelora_dropout_f32": [_I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32],
-    "moelora_dropout_router_f32": [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32, _PTR, _PTR],
-    "moelora_dropout_router_backward_f32": [_I64, _I64, _I64, _U64, _U32, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64,
-                                            _PTR],
     "moelora_gram_rows_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_gram_cols_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
@@ -272,49 +269,6 @@ def dropout(x: torch.Tensor, seed: int, threshold: int, out: torch.Tensor | None
     rows, cols = x.shape
     library.moelora_dropout_f32(rows, cols, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), seed, threshold)
     return out
-
-
-def dropout_router_applies(x: torch.Tensor, router: torch.Tensor) -> bool:
-    """Whether ``dropout_router`` and its backward serve input ``x`` (T, d_in) and router weight ``router``
-    (E, d_in): float32 CPU tensors, ``x`` with contiguous rows, outside ``torch.compile``."""
-    return (_rows(x) and _plain(router) and router.dim() == 2 and router.shape[0] <= MAX_EXPERTS
-            and _load() is not None)
-
-
-def dropout_router(x: torch.Tensor, seed: int, threshold: int, router_t: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x * m, (x * (1 - m)) R^T)`` for the keep-mask ``m`` of ``seed`` over ``x``'s shape and
-    ``router_t = R^T`` (d_in, E) contiguous: the experts' input and the router's share of the dropped
-    elements, (T, d_in) and (T, E), for tensors that ``dropout_router_applies`` accepts."""
-    library = _load()
-    assert library is not None
-    rows, cols = x.shape
-    num_experts = router_t.shape[1]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    correction = x.new_empty(rows, num_experts)
-    library.moelora_dropout_router_f32(rows, cols, num_experts, x.data_ptr(), x.stride(0), out.data_ptr(),
-                                       out.stride(0), seed, threshold, router_t.data_ptr(), correction.data_ptr())
-    return out, correction
-
-
-def dropout_router_backward(x: torch.Tensor, seed: int, threshold: int, grad_logits: torch.Tensor,
-                            router_t: torch.Tensor, grad_x: torch.Tensor | None, grad_router_t: torch.Tensor | None
-                            ) -> None:
-    """The backward pass of ``dropout_router``'s use: at each element the mask of ``seed`` drops,
-    ``grad_x`` (T, d_in; on entry ``[dh, dlogits] [A_cat; R]``) is set to ``(dlogits R)`` alone, and
-    ``grad_router_t`` (d_in, E) accumulates ``(x * (1 - m))^T dlogits``; either may be None. ``grad_logits``
-    (T, E) with contiguous rows, ``router_t = R^T`` (d_in, E) contiguous."""
-    library = _load()
-    assert library is not None
-    if grad_x is not None and not (_rows(grad_x) and grad_x.shape == x.shape):
-        raise ValueError("dropout_router_backward: grad_x must be a float32 CPU tensor of x's shape with contiguous rows")
-    if grad_router_t is not None and not (_plain(grad_router_t) and grad_router_t.shape == router_t.shape):
-        raise ValueError("dropout_router_backward: grad_router_t must be a contiguous float32 CPU tensor of R^T's shape")
-    rows, cols = x.shape
-    library.moelora_dropout_router_backward_f32(
-        rows, cols, router_t.shape[1], seed, threshold, x.data_ptr(), x.stride(0), grad_logits.data_ptr(),
-        grad_logits.stride(0), router_t.data_ptr(), None if grad_x is None else grad_x.data_ptr(),
-        0 if grad_x is None else grad_x.stride(0), None if grad_router_t is None else grad_router_t.data_ptr())
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
