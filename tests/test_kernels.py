@@ -47,7 +47,7 @@ def _reference_route(logits, h, top_k):
 
 
 @pytest.mark.parametrize("tokens", [1, 17, 100])
-@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 1), (7, 2, 7), (64, 8, 2)])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 1), (7, 2, 7), (64, 8, 2), (3, 1, 2), (4, 16, 3)])
 def test_route_kernel_equals_the_reference(tokens, num_experts, rank, top_k):
     h, logits = _projections(tokens, num_experts, rank)
     logits = logits * 4  # a wide spread of gates
@@ -130,7 +130,7 @@ def test_the_decode_kernel_keeps_the_lower_experts_on_ties_and_is_refused_beyond
 
 
 @pytest.mark.parametrize("power", [0.0, 0.3, 0.5, 1.0])
-@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 2)])
+@pytest.mark.parametrize("num_experts,rank,top_k", [(20, 4, 10), (5, 3, 2), (7, 2, 3), (9, 8, 2), (3, 1, 2), (4, 16, 3)])
 def test_gate_backward_kernel_equals_the_reference(power, num_experts, rank, top_k, reference):
     tokens = 33
     h, logits = _projections(tokens, num_experts, rank, seed=1)

@@ -39,11 +39,11 @@ import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c", "batched.c")]
 _FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
-MAX_EXPERTS, MAX_COLUMNS = 1024, 65536  # gates.c's scratch arrays: E, and E * r
+MAX_EXPERTS = 1024  # gates.c's per-expert arrays on the stack
 MAX_SMALL_RANK = 16  # batched.c's r x r scratch
 
 _I64, _U64, _U32, _F64, _PTR = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
-_SIGNATURES = {  # every function returns void
+_SIGNATURES = {  # every function returns void, except those in _RETURNS_STATUS
     "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "moelora_gate_backward_f32": [_I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64],
     "moelora_decode_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _F64, _PTR, _I64, _PTR, _PTR, _PTR, _I64],
@@ -54,6 +54,7 @@ _SIGNATURES = {  # every function returns void
     "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
     "moelora_right_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
 }
+_RETURNS_STATUS = {"moelora_route_f32"}  # 0, or -1 where its scratch memory could not be allocated
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -147,7 +148,8 @@ def _build_and_open() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int if name in _RETURNS_STATUS else None
     return library
 
 
@@ -164,8 +166,8 @@ def _rows(tensor: torch.Tensor) -> bool:
 
 def applies(logits: torch.Tensor, h: torch.Tensor) -> bool:
     """Whether the kernels serve a layer whose router logits and expert projections are these tensors."""
-    return (_rows(logits) and _rows(h) and logits.shape[1] <= MAX_EXPERTS and h.shape[1] <= MAX_COLUMNS
-            and not torch.compiler.is_compiling() and _load() is not None)
+    return (_rows(logits) and _rows(h) and logits.shape[1] <= MAX_EXPERTS and not torch.compiler.is_compiling()
+            and _load() is not None)
 
 
 def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,9 +181,16 @@ def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tens
     gates = logits.new_empty(tokens, num_experts)
     z = h.new_empty(tokens, num_experts * rank)
     stats = logits.new_empty(2 * num_experts + 1)
-    library.moelora_route_f32(tokens, num_experts, rank, top_k, logits.data_ptr(), logits.stride(0), h.data_ptr(),
-                              h.stride(0), gates.data_ptr(), z.data_ptr(), z.stride(0), stats.data_ptr())
+    _check(library.moelora_route_f32(tokens, num_experts, rank, top_k, logits.data_ptr(), logits.stride(0),
+                                     h.data_ptr(), h.stride(0), gates.data_ptr(), z.data_ptr(), z.stride(0),
+                                     stats.data_ptr()), num_experts)
     return gates, z, stats
+
+
+def _check(status: int, num_experts: int) -> None:
+    """Raises where the routing kernel could not allocate its scratch tiles (``3 * E * 16`` floats)."""
+    if status != 0:
+        raise MemoryError(f"moelora: the routing kernel could not allocate its scratch memory for {num_experts} experts")
 
 
 def gate_in_place(z: torch.Tensor, num_experts: int, top_k: int) -> None:
@@ -194,7 +203,8 @@ def gate_in_place(z: torch.Tensor, num_experts: int, top_k: int) -> None:
     tokens, columns = z.shape
     rank = (columns - num_experts) // num_experts
     row, h = z.stride(0), z.data_ptr() + num_experts * z.element_size()
-    library.moelora_route_f32(tokens, num_experts, rank, top_k, z.data_ptr(), row, h, row, None, h, row, None)
+    _check(library.moelora_route_f32(tokens, num_experts, rank, top_k, z.data_ptr(), row, h, row, None, h, row, None),
+           num_experts)
 
 
 # The decode kernel serves up to this many tokens (it reads the weights once per token) and experts (its

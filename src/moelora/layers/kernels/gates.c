@@ -12,9 +12,9 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-#define MAX_EXPERTS 1024 /* moelora.layers.kernels.MAX_EXPERTS */
-#define MAX_COLUMNS 65536 /* moelora.layers.kernels.MAX_COLUMNS: E * r */
+#define MAX_EXPERTS 1024 /* moelora.layers.kernels.MAX_EXPERTS: the per-expert arrays on the stack */
 
 #define LANES 16 /* tokens ranked together, one per vector lane */
 
@@ -60,32 +60,58 @@ static inline float exp_nonpositive(float x) {
     return x < -104.0f ? 0.0f : p * s1.f * s2.f;
 }
 
+/* zr[j * r + c] = hr[j * r + c] * g[j * gs] for each expert j < E and column c < r: a row's expert blocks
+ * scaled by their gates. Inlined with r a constant (see BY_RANK), the block loop becomes a few vector
+ * instructions per expert, with no per-column copy of the gates. zr may be hr (in place). */
+static inline __attribute__((always_inline)) void scale_blocks(int64_t E, int64_t r, const float *hr,
+                                                                const float *g, int64_t gs, float *zr) {
+    for (int64_t j = 0; j < E; j++) {
+        float gj = g[j * gs];
+        for (int64_t c = 0; c < r; c++) zr[j * r + c] = hr[j * r + c] * gj;
+    }
+}
+
+/* Calls BODY(R) with R the compile-time constant r for the common ranks, else with r itself, so that
+ * always-inline helpers given R unroll their per-expert loops. */
+#define BY_RANK(r, BODY) \
+    switch (r) { \
+    case 1: BODY(1); break; \
+    case 2: BODY(2); break; \
+    case 4: BODY(4); break; \
+    case 8: BODY(8); break; \
+    case 16: BODY(16); break; \
+    default: BODY(r); break; \
+    }
+
 /* Forward routing and the gated expert projections of T tokens.
  *   logits (T, E) row stride ls; h (T, E*r) row stride hs
  *   gates (T, E): renormalised softmax over each token's kept experts, 0 elsewhere
  *   z (T, E*r) row stride zs = h * gates repeated over each expert's r columns (z may be h: in place)
  *   stats (2E + 1,): [sum_t gates^2 (E) | share of the T * top_k assignments per expert (E) | mean entropy]
- * gates and stats may be NULL (the inference path needs z alone).
+ * gates and stats may be NULL (the inference path needs z alone). Returns 0, or -1 when its scratch
+ * memory (3 * E * LANES floats) cannot be allocated.
  * Tokens go LANES at a time through (E, LANES) tiles, every loop running across the tile's tokens, so that
  * it vectorises and has no data-dependent branch (which experts a token keeps is unpredictable). The top-1
  * expert is always kept, so the kept maximum is the maximum. A token's entropy is
- * log(sum) - sum_j g_j (l_j - top) over its kept experts: one logarithm per token.
+ * log(sum) - sum_j g_j (l_j - top) over its kept experts: one logarithm per token. The scratch tiles are
+ * allocated per call rather than thread-local: a thread-local array in a shared library costs a
+ * __tls_get_addr call wherever the compiler cannot keep its address.
  */
-void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
-                       const float *logits, int64_t ls, const float *h, int64_t hs,
-                       float *gates, float *z, int64_t zs, float *stats) {
+int moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
+                      const float *logits, int64_t ls, const float *h, int64_t hs,
+                      float *gates, float *z, int64_t zs, float *stats) {
     double sq_sum[MAX_EXPERTS] = {0.0};
     int64_t counts[MAX_EXPERTS] = {0};
-    static _Thread_local float lt[MAX_EXPERTS * LANES], gt[MAX_EXPERTS * LANES], ge[MAX_COLUMNS];
-    static _Thread_local float keep[MAX_EXPERTS * LANES];
+    float *scratch = malloc(sizeof(float) * 3 * (size_t)(E * LANES));
+    if (scratch == NULL) return -1;
+    float *lt = scratch, *gt = scratch + E * LANES, *keep = scratch + 2 * E * LANES;
     double ent = 0.0;
     for (int64_t t0 = 0; t0 < T; t0 += LANES) {
         int64_t n = T - t0 < LANES ? T - t0 : LANES;
         float valid[LANES], top[LANES], denom[LANES], spread[LANES];
         for (int q = 0; q < LANES; q++) valid[q] = q < n ? 1.0f : 0.0f;
-        for (int64_t j = 0; j < E; j++)
-            for (int q = 0; q < LANES; q++)
-                lt[j * LANES + q] = q < n ? logits[(t0 + q) * ls + j] : 0.0f;
+        for (int64_t q = 0; q < LANES; q++)
+            for (int64_t j = 0; j < E; j++) lt[j * LANES + q] = q < n ? logits[(t0 + q) * ls + j] : 0.0f;
         keep_top_k(lt, E, top_k, keep);
         for (int q = 0; q < LANES; q++) top[q] = lt[q], denom[q] = 0.0f, spread[q] = 0.0f;
         for (int64_t j = 1; j < E; j++)
@@ -111,24 +137,44 @@ void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
             sq_sum[j] += square;
             counts[j] += (int64_t)kept;
         }
-        for (int64_t q = 0; q < n; q++) {
-            int64_t t = t0 + q;
-            ent += logf(denom[q]) - spread[q];
-            if (gates != NULL)
-                for (int64_t j = 0; j < E; j++) gates[t * E + j] = gt[j * LANES + q];
-            const float *hr = h + t * hs;
-            float *zr = z + t * zs;
-            for (int64_t j = 0; j < E; j++)  /* each gate repeated over its expert's r columns ... */
-                for (int64_t c = 0; c < r; c++) ge[j * r + c] = gt[j * LANES + q];
-            for (int64_t c = 0; c < E * r; c++) zr[c] = hr[c] * ge[c];  /* ... so that this loop vectorises */
-        }
+        for (int64_t q = 0; q < n; q++) ent += logf(denom[q]) - spread[q];
+        if (gates != NULL)
+            for (int64_t q = 0; q < n; q++)
+                for (int64_t j = 0; j < E; j++) gates[(t0 + q) * E + j] = gt[j * LANES + q];
+#define GATE_ROWS(R) \
+        for (int64_t q = 0; q < n; q++) scale_blocks(E, R, h + (t0 + q) * hs, gt + q, LANES, z + (t0 + q) * zs)
+        BY_RANK(r, GATE_ROWS)
+#undef GATE_ROWS
     }
-    if (stats == NULL) return;
+    free(scratch);
+    if (stats == NULL) return 0;
     for (int64_t j = 0; j < E; j++) {
         stats[j] = (float)sq_sum[j];
         stats[E + j] = T > 0 ? (float)counts[j] / (float)(T * top_k) : 0.0f;
     }
     stats[2 * E] = T > 0 ? (float)(ent / (double)T) : 0.0f;
+    return 0;
+}
+
+/* One token's backward gate products for r columns per expert (inlined with r a constant by BY_RANK):
+ * grad_h = sdz * gp and hgp = h * gp per expert block, dg_j = sum over the block of sdz * h, and the
+ * router's gradient gl_j = g_j (dg_j - sum_i g_i dg_i). */
+static inline __attribute__((always_inline)) void gate_backward_row(
+        int64_t E, int64_t r, const float *g, const float *gp, const float *d, const float *hr,
+        float *gh, float *hp, float *gl) {
+    float dg[MAX_EXPERTS];
+    float inner = 0.0f;
+    for (int64_t j = 0; j < E; j++) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < r; c++) {
+            gh[j * r + c] = d[j * r + c] * gp[j];
+            hp[j * r + c] = hr[j * r + c] * gp[j];
+            acc += d[j * r + c] * hr[j * r + c];
+        }
+        dg[j] = acc;
+        inner += g[j] * acc;
+    }
+    for (int64_t j = 0; j < E; j++) gl[j] = g[j] * (dg[j] - inner);
 }
 
 /* The gate products of the backward pass, with sdz = s * dL/dout B_cat (T, E*r, contiguous):
@@ -140,15 +186,10 @@ void moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
 void moelora_gate_backward_f32(int64_t T, int64_t E, int64_t r, double power,
                                const float *sdz, const float *h, int64_t hs, const float *gates,
                                float *grad_h, int64_t ghs, float *hgp, float *grad_logits, int64_t gls) {
-    static _Thread_local float gpe[MAX_COLUMNS], prod[MAX_COLUMNS];
-    float gp[MAX_EXPERTS], dg[MAX_EXPERTS];
+    float gp[MAX_EXPERTS];
     int64_t cols = E * r;
     for (int64_t t = 0; t < T; t++) {
         const float *g = gates + t * E;
-        const float *d = sdz + t * cols;
-        const float *hr = h + t * hs;
-        float *gh = grad_h + t * ghs;
-        float *hp = hgp + t * cols;
         /* G^p, 0 where the gate is 0; branch-free per gate (which gates are 0 is unpredictable). */
         if (power == 1.0)
             for (int64_t j = 0; j < E; j++) gp[j] = g[j];
@@ -158,22 +199,11 @@ void moelora_gate_backward_f32(int64_t T, int64_t E, int64_t r, double power,
             for (int64_t j = 0; j < E; j++) gp[j] = g[j] > 0.0f ? 1.0f : 0.0f;
         else
             for (int64_t j = 0; j < E; j++) gp[j] = g[j] > 0.0f ? powf(g[j], (float)power) : 0.0f;
-        for (int64_t j = 0; j < E; j++)
-            for (int64_t c = 0; c < r; c++) gpe[j * r + c] = gp[j];
-        for (int64_t c = 0; c < cols; c++) {
-            gh[c] = d[c] * gpe[c];
-            hp[c] = hr[c] * gpe[c];
-            prod[c] = d[c] * hr[c];
-        }
-        float inner = 0.0f;
-        for (int64_t j = 0; j < E; j++) {
-            float acc = 0.0f;
-            for (int64_t c = 0; c < r; c++) acc += prod[j * r + c];
-            dg[j] = acc;
-            inner += g[j] * acc;
-        }
-        float *gl = grad_logits + t * gls;
-        for (int64_t j = 0; j < E; j++) gl[j] = g[j] * (dg[j] - inner);
+#define GATE_BACKWARD_ROW(R) \
+        gate_backward_row(E, R, g, gp, sdz + t * cols, h + t * hs, grad_h + t * ghs, hgp + t * cols, \
+                          grad_logits + t * gls)
+        BY_RANK(r, GATE_BACKWARD_ROW)
+#undef GATE_BACKWARD_ROW
     }
 }
 
