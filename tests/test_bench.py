@@ -15,9 +15,22 @@ SMALL = dict(d=32, tokens=64, num_experts=4, top_k=2, rank=2)
 def test_interleaved_timing_records_every_candidate():
     calls = []
     timing = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 4
+    assert sorted(calls) == ["a"] * 4 + ["b"] * 4
     assert {k: len(v) for k, v in timing.samples.items()} == {"a": 3, "b": 3}
     assert timing.ratio("a", "b") > 0
+
+
+def test_interleaved_timing_shuffles_each_round_so_no_candidate_always_follows_the_same_one():
+    calls: list[str] = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    time_interleaved(candidates, repeats=30, warmup=0)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, 90, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every round runs each candidate once
+    followers = {(calls[i], calls[i + 1]) for i in range(89) if calls[i] != calls[i + 1]}
+    assert len(followers) == 6  # every candidate ran right after each of the others
+    calls.clear()
+    time_interleaved(candidates, repeats=30, warmup=0)
+    assert [tuple(calls[i : i + 3]) for i in range(0, 90, 3)] == rounds  # the same seed, the same orders
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])

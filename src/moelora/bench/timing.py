@@ -1,8 +1,15 @@
-"""Interleaved timing: run candidates A B A B ... so that machine noise hits all of them alike."""
+"""Interleaved timing: run candidates in rounds (A B C, C A B, ...) so that machine noise hits all of them alike.
+
+Each round runs every candidate once, in an order shuffled afresh (from a fixed seed, so a run is
+repeatable): with a fixed order each candidate would always follow the same one, and on a CPU what ran
+just before (which buffers the allocator hands back, whether they page-fault, what is in the caches)
+moves a candidate's time by a few percent, always in the same direction.
+"""
 
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -31,8 +38,12 @@ class Timing:
         }
 
 
-def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Timing:
-    """Time every candidate ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` rounds."""
+def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                     seed: int = 0) -> Timing:
+    """Time every candidate ``repeats`` times in rounds, each round in a freshly shuffled order (from
+    ``seed``), after ``warmup`` rounds."""
+    order = random.Random(seed)
+    names = list(candidates)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -41,9 +52,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     gc.disable()
     try:
         for _ in range(repeats):
-            for name, fn in candidates.items():
+            order.shuffle(names)
+            for name in names:
                 start = time.perf_counter()
-                fn()
+                candidates[name]()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 timing.samples[name].append(time.perf_counter() - start)
