@@ -277,3 +277,32 @@ def test_the_optimizer_step_is_the_same_with_and_without_the_kernels(monkeypatch
     for got, want in zip(results[:half], results[half:]):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta1,weight_decay", [(0.9, 0.0), (0.9, 0.1), (0.3, 0.05)])  # beta1 < 0.5: lerp's other form
+def test_the_adamw_loop_equals_torchs_fused_kernel(beta1, weight_decay):
+    g = torch.Generator().manual_seed(4)
+    shapes, steps = [(20, 4, 576), (3, 7), (1,), (5, 16, 2)], [1.0, 2.0, 7.0, 3.0]  # each tensor its own step
+    tensors = [[torch.randn(s, generator=g) * scale for s in shapes] for scale in (1.0, 1.0, 0.1, 0.01)]
+    tensors[3] = [t.abs() for t in tensors[3]]  # exp_avg_sq >= 0
+    want = [[t.clone() for t in group] for group in tensors]
+    lr, beta2, eps = 0.01, 0.99, 1e-7
+    torch._fused_adamw_(*want, [], [torch.tensor(t) for t in steps], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, maximize=False)
+    params, grads, exp_avgs, exp_avg_sqs = tensors
+    assert kernels.adamw_applies(params, grads, exp_avgs, exp_avg_sqs)
+    kernels.adamw(params, grads, exp_avgs, exp_avg_sqs, [lr / (1 - beta1**t) for t in steps],
+                  [math.sqrt(1 - beta2**t) for t in steps], lr, weight_decay, beta1, beta2, eps)
+    for got_group, want_group in zip(tensors, want):
+        for got, expected in zip(got_group, want_group):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert all(p._version == 1 for p in params)
+
+
+def test_the_adamw_loop_leaves_large_or_unfit_tensors_to_torch():
+    small = [torch.zeros(100)]
+    assert kernels.adamw_applies(small, small)
+    assert not kernels.adamw_applies([torch.zeros(kernels.ADAMW_MAX_MEAN_NUMEL + 1)])
+    assert not kernels.adamw_applies([torch.zeros(100, dtype=torch.float64)])
+    assert not kernels.adamw_applies([torch.zeros(10, 10).t()])  # not contiguous
+    assert not kernels.adamw_applies([])

@@ -11,6 +11,7 @@ from torch import nn
 
 import moelora
 from moelora import MoELoRALinear
+from moelora.layers import kernels
 from moelora.optim import (
     PreconditionerError,
     PreconditionerWarning,
@@ -232,6 +233,30 @@ def test_none_equals_torch_adamw(fused):
     train(ours, RiemannianAdamW(param_groups(ours, **kwargs), preconditioner="none", fused=fused, **options), steps=5)
     train(theirs, torch.optim.AdamW(param_groups(theirs, **kwargs), foreach=False, **options), steps=5)
     assert_nets_close(ours, theirs, rel=1e-10)
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "riemannian", "gate_rescaled"])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_the_compiled_cpu_adamw_loop_equals_torchs_fused_kernel(preconditioner, bias_correction):
+    # float32 on a CPU: fused=None takes the compiled loop (moelora.layers.kernels.adamw), fused=True torch's
+    # fused kernel; the same update to float32 rounding, steps apart.
+    if not kernels.wanted() or kernels.compiler() is None:
+        pytest.skip("no C compiler (or MOELORA_CPU_KERNELS=0): the compiled loop is not built")
+    nets = [make_net(power=0.5, dtype=torch.float32) for _ in range(2)]
+    kwargs = dict(lr=0.01, router_lr=0.002, weight_decay=0.05, router_max_grad_norm=0.5)
+    options = dict(preconditioner=preconditioner, betas=(0.85, 0.99), eps=1e-7, bias_correction=bias_correction)
+    compiled = RiemannianAdamW(param_groups(nets[0], **kwargs), fused=None, **options)
+    fused = RiemannianAdamW(param_groups(nets[1], **kwargs), fused=True, **options)
+    params = [p for p in nets[0].parameters() if p.requires_grad]
+    assert kernels.adamw_applies(params, params)  # the compiled loop serves this net's parameters
+    versions = [p._version for p in params]
+    train(nets[0], compiled, steps=4)
+    train(nets[1], fused, steps=4)
+    assert all(p._version > v for p, v in zip(params, versions))  # in-place updates are visible as such
+    assert_nets_close(nets[0], nets[1], rel=1e-5)
+    for p, q in zip(params, (q for q in nets[1].parameters() if q.requires_grad)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_rel_close(compiled.state[p][key], fused.state[q][key], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- the slow per-expert reference

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..layers import kernels
 from .base import RiemannianOptimizer
 from .sharding import is_sharded
 
@@ -44,8 +45,11 @@ class RiemannianAdamW(RiemannianOptimizer):
         bias_correction: divide by ``1 - beta^t``. The paper's code runs without it, with ``eps=1e-6``.
         b_from_updated_a: precondition each ``B`` with ``A A^T`` of the already-updated ``A``, as the
             paper's code does; by default both Gram matrices come from the weights before the step.
-        fused: use torch's fused AdamW kernel for the moment updates (CPU and CUDA); ``None`` picks it when
-            every parameter is on such a device, else the foreach kernels.
+        fused: ``True``: torch's fused AdamW kernel for the moment updates (CPU and CUDA); ``False``: the
+            foreach kernels; ``None`` (default): on a CPU, lists of small float32 tensors take the compiled
+            single-threaded loop (``moelora.layers.kernels.adamw``, the same arithmetic without one
+            thread-pool wake-up per tensor), other tensors on a CPU or CUDA device torch's fused kernel,
+            everything else the foreach kernels.
 
     To reproduce the paper's runs exactly: ``bias_correction=False, eps=1e-6, weight_decay=0,
     b_from_updated_a=True``.
@@ -107,9 +111,12 @@ class RiemannianAdamW(RiemannianOptimizer):
         for i, param in enumerate(params):
             buckets[(param.device, param.dtype, grads[i].dtype)].append(i)
         for (device, dtype, grad_dtype), index in buckets.items():
-            args = (*([xs[i] for i in index] for xs in (params, grads, exp_avgs, exp_avg_sqs, steps)), group)
+            tensors = [[xs[i] for i in index] for xs in (params, grads, exp_avgs, exp_avg_sqs)]
+            args = (*tensors, [steps[i] for i in index], group)
             # DTensors (FSDP2) take the foreach kernels, which they implement shard by shard.
-            if not is_sharded(params[index[0]]) and _use_fused(group["fused"], device, dtype, grad_dtype):
+            if group["fused"] is None and kernels.adamw_applies(*tensors):
+                _compiled_adamw(*args)
+            elif not is_sharded(params[index[0]]) and _use_fused(group["fused"], device, dtype, grad_dtype):
                 _fused_adamw(*args)
             else:
                 _foreach_adamw(*args)
@@ -150,6 +157,19 @@ def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
         eps=group["eps"],
         maximize=False,
     )
+
+
+def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
+    # The same update as _fused_adamw, through the compiled CPU loop (one call for every tensor).
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    if group["bias_correction"]:
+        step_sizes = [lr / (1 - beta1**t) for t in steps]
+        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in steps]
+    else:
+        step_sizes, bias_correction2_sqrts = [lr] * len(params), [1.0] * len(params)
+    kernels.adamw(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_correction2_sqrts, lr,
+                  group["weight_decay"], beta1, beta2, group["eps"])
 
 
 def _foreach_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

@@ -1,5 +1,6 @@
 """Compiled CPU kernels for the layer's small per-token work: routing and the gate products (``gates.c``),
-the dropout keep-mask (``dropout.c``), and the optimizers' per-expert ``r x r`` products (``batched.c``).
+the dropout keep-mask (``dropout.c``), the optimizers' per-expert ``r x r`` products (``batched.c``) and
+their AdamW update of many small tensors (``adamw.c``).
 
 On a CPU the layer's routing (top-k, softmax, scatter, statistics) and gate products (the gated
 projections, the backward gate power, the per-expert sums, the router's softmax Jacobian) are about twenty
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c", "batched.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gates.c", "dropout.c", "batched.c", "adamw.c")]
 _FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
 MAX_EXPERTS = 1024  # gates.c's per-expert arrays on the stack
 MAX_SMALL_RANK = 16  # batched.c's r x r scratch
@@ -53,6 +54,7 @@ _SIGNATURES = {  # every function returns void, except those in _RETURNS_STATUS
     "moelora_gram_cols_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
     "moelora_right_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "moelora_adamw_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _F64, _F64],
 }
 _RETURNS_STATUS = {"moelora_route_f32"}  # 0, or -1 where its scratch memory could not be allocated
 
@@ -324,3 +326,37 @@ def right_mul(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     out = g.new_empty(experts, width, rank)
     _load().moelora_right_mul_f32(experts, width, rank, g.data_ptr(), p.data_ptr(), out.data_ptr())  # type: ignore[union-attr]
     return out
+
+
+# The compiled AdamW loop serves lists of tensors this small on average (elements); beyond, torch's fused
+# kernel, whose one parallel region per tensor then pays for itself.
+ADAMW_MAX_MEAN_NUMEL = 1 << 18
+
+
+def adamw_applies(params: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
+    """Whether ``adamw`` serves these lists: contiguous float32 CPU tensors (no subclasses), small on
+    average (``ADAMW_MAX_MEAN_NUMEL``), outside ``torch.compile``, with the kernels built."""
+    if not params or sum(p.numel() for p in params) > ADAMW_MAX_MEAN_NUMEL * len(params):
+        return False
+    return all(_plain(*tensors) for tensors in (params, *others)) and _load() is not None
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+          exp_avg_sqs: list[torch.Tensor], step_sizes: list[float], bias_correction2_sqrts: list[float], lr: float,
+          weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW update of every ``params[i]`` in place (with its moments), as torch's fused kernel computes
+    it, for lists that ``adamw_applies`` accepts; ``step_sizes[i] = lr / (1 - beta1^t)`` and
+    ``bias_correction2_sqrts[i] = sqrt(1 - beta2^t)`` for each tensor's step count ``t``. The parameters'
+    version counters are advanced, as an in-place torch op would, so that what is derived from them
+    (the inference path's fused weights) sees the change."""
+    count = len(params)
+    numel = (ctypes.c_int64 * count)(*[p.numel() for p in params])
+    _load().moelora_adamw_f32(  # type: ignore[union-attr]
+        count, numel, _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs),
+        (ctypes.c_double * count)(*step_sizes), (ctypes.c_double * count)(*bias_correction2_sqrts), float(lr),
+        float(weight_decay), float(beta1), float(beta2), float(eps))
+    torch.autograd.graph.increment_version(params)
