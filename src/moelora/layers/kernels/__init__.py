@@ -139,14 +139,16 @@ def _build_and_open() -> ctypes.CDLL | None:
     compiler_path = compiler()
     if compiler_path is None:
         warnings.warn("moelora: no C compiler found ($CC, cc or gcc); the layer's routing, gate products and "
-                      "dropout run as PyTorch ops on the CPU (same results, slower)", stacklevel=4)
+                      "dropout and the optimizers' small products and AdamW update run as PyTorch ops on the CPU "
+                      "(same results, slower)", stacklevel=4)
         return None
     try:
         library = ctypes.CDLL(str(_compile(compiler_path)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
         detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace")[-500:]
         warnings.warn(f"moelora: building the CPU kernels failed ({error}; {detail}); the layer's routing, gate "
-                      "products and dropout run as PyTorch ops (same results, slower)", stacklevel=4)
+                      "products and dropout and the optimizers' small products and AdamW update run as PyTorch ops "
+                      "(same results, slower)", stacklevel=4)
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
