@@ -33,6 +33,14 @@ def test_interleaved_timing_shuffles_each_round_so_no_candidate_always_follows_t
     assert [tuple(calls[i : i + 3]) for i in range(0, 90, 3)] == rounds  # the same seed, the same orders
 
 
+def test_round_ratios_pair_each_rounds_samples():
+    timing = Timing({"a": [2.0, 3.0, 8.0, 1.0, 4.0], "b": [1.0, 2.0, 4.0, 2.0, 2.0]})
+    assert timing.round_ratios("a", "b") == [2.0, 1.5, 2.0, 0.5, 2.0]
+    assert timing.ratio_spread("a", "b") == {"q1": 1.5, "median": 2.0, "q3": 2.0}
+    assert timing.ratio("a", "b") == 1.5  # the ratio of the medians, 3 / 2, is another statistic
+    assert Timing({"a": [3.0], "b": [2.0]}).ratio_spread("a", "b") == {"q1": 1.5, "median": 1.5, "q3": 1.5}
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_layer_benchmark_runs_at_a_small_shape(dropout):
     result = layer_bench.run(quick=True, dropout=dropout, **SMALL)
@@ -61,10 +69,11 @@ def test_per_expert_loop_computes_the_same_function():
 
 def test_table_lists_targets_that_were_measured():
     results = {"machine": {"cores": 2, "torch": "x", "torch_threads": 2, "date": "d"},
-               "layer": {"speedup_vs_per_expert_loop": 6.0, "cost_vs_dense_lora": 1.3}}
+               "layer": {"speedup_vs_per_expert_loop": 6.0, "cost_vs_dense_lora": 1.3,
+                         "cost_vs_dense_lora_by_round": {"q1": 1.21, "median": 1.28, "q3": 1.346}}}
     table = format_table(results)
-    assert "| layer.speedup_vs_per_expert_loop | 6.00 | >= 5 | yes |" in table
-    assert "| layer.cost_vs_dense_lora | 1.30 | <= 1.05 | no |" in table
+    assert "| layer.speedup_vs_per_expert_loop | 6.00 |  | >= 5 | yes |" in table
+    assert "| layer.cost_vs_dense_lora | 1.30 | 1.21–1.35 | <= 1.05 | no |" in table
     assert "optimizer" not in table and len(TARGETS) >= 9
 
 

@@ -99,6 +99,7 @@ def run(quick: bool = False, d: int = 576, tokens: int = 2048, num_experts: int 
         "timings": timing.as_dict(),
         "speedup_vs_per_expert_loop": timing.ratio("per_expert_loop", "moelora"),
         "cost_vs_dense_lora": timing.ratio("moelora", dense),
+        "cost_vs_dense_lora_by_round": timing.ratio_spread("moelora", dense),
     }
 
 

@@ -31,6 +31,19 @@ class Timing:
         """``median(name) / median(baseline)``: below 1 means ``name`` is faster."""
         return self.median(name) / self.median(baseline)
 
+    def round_ratios(self, name: str, baseline: str) -> list[float]:
+        """``name``'s time over ``baseline``'s in each round: the two ran seconds apart, so a slow spell of
+        the machine mostly cancels in each ratio."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[baseline], strict=True)]
+
+    def ratio_spread(self, name: str, baseline: str) -> dict[str, float]:
+        """Quartiles of ``round_ratios``: how far one run's ratio moves from round to round."""
+        ratios = self.round_ratios(name, baseline)
+        if len(ratios) < 2:
+            return {"q1": ratios[0], "median": ratios[0], "q3": ratios[0]}
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return {"q1": q1, "median": median, "q3": q3}
+
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {
             name: {"median_s": self.median(name), "min_s": min(s), "repeats": len(s)}

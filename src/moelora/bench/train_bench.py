@@ -81,7 +81,8 @@ def bench_step(quick: bool) -> dict:
         repeats=8 if quick else 10, warmup=1,
     )
     return {"batch_tokens": int(batch["n_tokens"]), "timings": timing.as_dict(),
-            "cost_vs_peft_lora": timing.ratio("moelora_default", "peft_lora_r16_adamw")}
+            "cost_vs_peft_lora": timing.ratio("moelora_default", "peft_lora_r16_adamw"),
+            "cost_vs_peft_lora_by_round": timing.ratio_spread("moelora_default", "peft_lora_r16_adamw")}
 
 
 def bench_throughput(quick: bool) -> dict:
