@@ -177,6 +177,44 @@ def test_a_float32_layer_gives_the_same_outputs_and_gradients_with_and_without_t
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _torch_record(stats, buffers, tokens, accumulate, overwrite):
+    num_experts = (stats.numel() - 1) // 2
+    sq_sum, count, load, entropy = buffers
+    if accumulate:
+        sq_sum.add_(stats[:num_experts])
+        count.add_(tokens)
+    if overwrite:
+        load.copy_(stats[num_experts : 2 * num_experts])
+        entropy.copy_(stats[2 * num_experts])
+
+
+@pytest.mark.parametrize("accumulate, overwrite", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_routing_record_kernel_equals_the_torch_ops(accumulate, overwrite):
+    num_experts = 7
+    want = [torch.rand(num_experts), torch.tensor(3.0), torch.rand(num_experts), torch.tensor(0.5)]
+    got = [t.clone() for t in want]
+    versions = [t._version for t in got]
+    for tokens in (11, 5):  # two forward passes: the squares and the token count accumulate
+        stats = torch.rand(2 * num_experts + 1)
+        _torch_record(stats, want, tokens, accumulate, overwrite)
+        assert kernels.record_routing(stats, got[0] if accumulate else None, got[1] if accumulate else None,
+                                      got[2] if overwrite else None, got[3] if overwrite else None, tokens)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    written = [accumulate, accumulate, overwrite, overwrite]
+    assert [t._version > v for t, v in zip(got, versions)] == written  # in-place writes are seen as such
+
+
+def test_the_routing_record_kernel_refuses_what_it_cannot_serve():
+    stats, buffers = torch.rand(5), [torch.zeros(2), torch.zeros(()), torch.zeros(2), torch.zeros(())]
+    assert not kernels.record_routing(stats.double(), *buffers, 4)  # float64: the torch ops serve
+    strided = torch.zeros(4)[::2]
+    assert not kernels.record_routing(stats, strided, *buffers[1:], 4)  # not contiguous
+    assert torch.equal(strided, torch.zeros(2)) and torch.equal(buffers[1], torch.zeros(()))
+    with pytest.raises(ValueError, match="sq_sum with count"):
+        kernels.record_routing(stats, buffers[0], None, None, None, 4)
+
+
 def test_without_a_compiler_the_layer_warns_once_and_uses_the_pytorch_ops(tmp_path):
     """A compiler that fails (CC=false) and MOELORA_CPU_KERNELS=0: no kernels, the same layer output."""
     script = (

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
+from . import kernels
 from .dense import DenseMoELoRA, MixSpec
 from .dropout import DropoutMask, apply_mask, draw_mask, keep_probability
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
@@ -198,6 +199,12 @@ class MoELoRALinear(nn.Module):
         """Gate statistics and diagnostics from a forward pass's ``routing_statistics``."""
         record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
         experts = self.num_experts
+        buffers = self._buffers
+        if kernels.record_routing(stats, buffers["gate_sq_sum"] if record else None,
+                                  buffers["gate_token_count"] if record else None,
+                                  buffers["expert_load"] if self.track_router_stats else None,
+                                  buffers["gate_entropy"] if self.track_router_stats else None, tokens):
+            return  # one compiled call on a CPU: the torch ops below cost ~15 us each inside a layer
         with torch.no_grad():
             if record:
                 self.gate_sq_sum.add_(stats[:experts])

@@ -46,6 +46,7 @@ MAX_SMALL_RANK = 16  # batched.c's r x r scratch
 _I64, _U64, _U32, _F64, _PTR = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES = {  # every function returns void, except those in _RETURNS_STATUS
     "moelora_route_f32": [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
+    "moelora_record_routing_f32": [_I64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "moelora_gate_backward_f32": [_I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64],
     "moelora_decode_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _F64, _PTR, _I64, _PTR, _PTR, _PTR, _I64],
     "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
@@ -189,6 +190,35 @@ def route(logits: torch.Tensor, h: torch.Tensor, top_k: int) -> tuple[torch.Tens
                                      h.data_ptr(), h.stride(0), gates.data_ptr(), z.data_ptr(), z.stride(0),
                                      stats.data_ptr()), num_experts)
     return gates, z, stats
+
+
+def record_routing(stats: torch.Tensor, sq_sum: torch.Tensor | None, count: torch.Tensor | None,
+                   load: torch.Tensor | None, entropy: torch.Tensor | None, tokens: int) -> bool:
+    """A layer's record of ``stats`` (2E + 1,) from ``routing_statistics``: ``sq_sum += stats[:E]`` and
+    ``count += tokens`` (when ``sq_sum`` and ``count`` are given), ``load[...] = stats[E:2E]`` and
+    ``entropy[...] = stats[2E]`` (when ``load`` and ``entropy`` are given), in one call, with the
+    written tensors' version counters advanced as in-place torch ops would. Returns False, doing
+    nothing, where the kernels do not serve these tensors (float32 CPU, contiguous, no subclasses)."""
+    accumulate = [t for t in (sq_sum, count) if t is not None]
+    overwrite = [t for t in (load, entropy) if t is not None]
+    if len(accumulate) == 1 or len(overwrite) == 1:
+        raise ValueError("record_routing: give sq_sum with count and load with entropy, or neither of a pair")
+    written = accumulate + overwrite
+    if not _plain(stats, *written):
+        return False
+    library = _load()
+    if library is None:
+        return False
+    num_experts = (stats.numel() - 1) // 2
+
+    def pointer(tensor: torch.Tensor | None) -> int | None:
+        return None if tensor is None else tensor.data_ptr()
+
+    library.moelora_record_routing_f32(num_experts, float(tokens), stats.data_ptr(), pointer(sq_sum), pointer(count),
+                                       pointer(load), pointer(entropy))
+    if written:
+        torch.autograd.graph.increment_version(written)
+    return True
 
 
 def _check(status: int, num_experts: int) -> None:

@@ -156,6 +156,22 @@ int moelora_route_f32(int64_t T, int64_t E, int64_t r, int64_t top_k,
     return 0;
 }
 
+/* The layer's record of one forward pass's routing_statistics stats (2E + 1,): sq_sum (E) += stats[:E] and
+ * count (1) += tokens when sq_sum is not NULL; load (E) = stats[E:2E] and entropy (1) = stats[2E] when
+ * load is not NULL. Four PyTorch operations on small buffers cost tens of microseconds per layer; this
+ * is one call. */
+void moelora_record_routing_f32(int64_t E, double tokens, const float *stats, float *sq_sum, float *count,
+                                float *load, float *entropy) {
+    if (sq_sum != NULL) {
+        for (int64_t j = 0; j < E; j++) sq_sum[j] += stats[j];
+        *count += (float)tokens;
+    }
+    if (load != NULL) {
+        for (int64_t j = 0; j < E; j++) load[j] = stats[E + j];
+        *entropy = stats[2 * E];
+    }
+}
+
 /* One token's backward gate products for r columns per expert (inlined with r a constant by BY_RANK):
  * grad_h = sdz * gp and hgp = h * gp per expert block, dg_j = sum over the block of sdz * h, and the
  * router's gradient gl_j = g_j (dg_j - sum_i g_i dg_i). */
