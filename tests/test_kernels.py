@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from moelora.layers import dense, dropout, kernels
+from moelora.layers import dense, dropout, kernels, routing
 from moelora.layers.linear import MoELoRALinear
 
 # Skipped only where the kernels cannot be built at all; with a compiler, a failed build fails the tests.
@@ -177,32 +177,27 @@ def test_a_float32_layer_gives_the_same_outputs_and_gradients_with_and_without_t
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _torch_record(stats, buffers, tokens, accumulate, overwrite):
-    num_experts = (stats.numel() - 1) // 2
-    sq_sum, count, load, entropy = buffers
-    if accumulate:
-        sq_sum.add_(stats[:num_experts])
-        count.add_(tokens)
-    if overwrite:
-        load.copy_(stats[num_experts : 2 * num_experts])
-        entropy.copy_(stats[2 * num_experts])
-
-
 @pytest.mark.parametrize("accumulate, overwrite", [(True, True), (True, False), (False, True), (False, False)])
-def test_the_routing_record_kernel_equals_the_torch_ops(accumulate, overwrite):
+def test_the_routing_record_kernel_equals_the_torch_ops(accumulate, overwrite, monkeypatch):
     num_experts = 7
-    want = [torch.rand(num_experts), torch.tensor(3.0), torch.rand(num_experts), torch.tensor(0.5)]
-    got = [t.clone() for t in want]
-    versions = [t._version for t in got]
-    for tokens in (11, 5):  # two forward passes: the squares and the token count accumulate
-        stats = torch.rand(2 * num_experts + 1)
-        _torch_record(stats, want, tokens, accumulate, overwrite)
-        assert kernels.record_routing(stats, got[0] if accumulate else None, got[1] if accumulate else None,
-                                      got[2] if overwrite else None, got[3] if overwrite else None, tokens)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
-    written = [accumulate, accumulate, overwrite, overwrite]
-    assert [t._version > v for t, v in zip(got, versions)] == written  # in-place writes are seen as such
+    initial = [torch.rand(num_experts), torch.tensor(3.0), torch.rand(num_experts), torch.tensor(0.5)]
+    passes = [(torch.rand(2 * num_experts + 1), tokens) for tokens in (11, 5)]  # the sums accumulate over both
+    results = []
+    assert kernels.available()  # the first pass takes the compiled call
+    for use_kernels in (True, False):
+        if not use_kernels:
+            monkeypatch.setattr(kernels, "_load", lambda: None)
+        sq_sum, count, load, entropy = buffers = [t.clone() for t in initial]
+        versions = [t._version for t in buffers]
+        for stats, tokens in passes:
+            routing.record_statistics_(stats, tokens, sq_sum if accumulate else None, count if accumulate else None,
+                                       load if overwrite else None, entropy if overwrite else None)
+        written = [accumulate, accumulate, overwrite, overwrite]
+        assert [t._version > v for t, v in zip(buffers, versions)] == written  # in-place writes are seen as such
+        results.append(buffers)
+    for got, want, before, was_written in zip(*results, initial, written):
+        assert torch.equal(got, want)
+        assert torch.equal(got, before) != was_written
 
 
 def test_the_routing_record_kernel_refuses_what_it_cannot_serve():

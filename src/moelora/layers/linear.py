@@ -21,11 +21,10 @@ from torch import nn
 
 from ..config import EXPERT_COMPUTE
 from ..errors import ConfigError
-from . import kernels
 from .dense import DenseMoELoRA, MixSpec
 from .dropout import DropoutMask, apply_mask, draw_mask, keep_probability
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
-from .routing import init_router_, routing_statistics, top_k_routing
+from .routing import init_router_, record_statistics_, routing_statistics, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
 
 # Every MoE-LoRA layer alive in this process. The optimizers find which layer owns a parameter, and whether
@@ -197,21 +196,10 @@ class MoELoRALinear(nn.Module):
     # ---------------------------------------------------------------------------------------- compute
     def _record_routing(self, stats: torch.Tensor, tokens: int) -> None:
         """Gate statistics and diagnostics from a forward pass's ``routing_statistics``."""
-        record = self.training and torch.is_grad_enabled()  # read before no_grad() below turns it off
-        experts = self.num_experts
-        buffers = self._buffers
-        if kernels.record_routing(stats, buffers["gate_sq_sum"] if record else None,
-                                  buffers["gate_token_count"] if record else None,
-                                  buffers["expert_load"] if self.track_router_stats else None,
-                                  buffers["gate_entropy"] if self.track_router_stats else None, tokens):
-            return  # one compiled call on a CPU: the torch ops below cost ~15 us each inside a layer
-        with torch.no_grad():
-            if record:
-                self.gate_sq_sum.add_(stats[:experts])
-                self.gate_token_count.add_(tokens)
-            if self.track_router_stats:
-                self.expert_load.copy_(stats[experts : 2 * experts])
-                self.gate_entropy.copy_(stats[2 * experts])
+        record, track, buffers = self.training and torch.is_grad_enabled(), self.track_router_stats, self._buffers
+        record_statistics_(stats, tokens, buffers["gate_sq_sum"] if record else None,
+                           buffers["gate_token_count"] if record else None,
+                           buffers["expert_load"] if track else None, buffers["gate_entropy"] if track else None)
 
     def uses_sparse(self, tokens: torch.Tensor | None = None) -> bool:
         """Whether a forward pass on ``tokens`` computes only the selected experts (``moelora.layers.sparse``)."""

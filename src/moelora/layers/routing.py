@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from . import kernels
+
 
 def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """``softmax(scores, dim=-1)`` for the few columns of routing (``k`` or ``E``) as exp / sum: on CPU
@@ -119,6 +121,25 @@ def routing_statistics(weights: torch.Tensor, index: torch.Tensor, num_experts: 
     load = counts / max(index.numel(), 1)
     entropy = torch.special.entr(weights).sum() / max(tokens, 1)  # entr(g) = -g log g, 0 at g = 0
     return torch.cat([sq_sum, load, entropy.view(1)])
+
+
+def record_statistics_(stats: torch.Tensor, tokens: int, sq_sum: torch.Tensor | None, count: torch.Tensor | None,
+                       load: torch.Tensor | None, entropy: torch.Tensor | None) -> None:
+    """A layer's record of one forward pass's ``routing_statistics`` ``stats`` (2E + 1,), in place:
+    ``sq_sum += stats[:E]`` and ``count += tokens`` when they are given (the gate-rescaled
+    preconditioner's sums, over the passes of a step), ``load = stats[E:2E]`` and ``entropy = stats[2E]``
+    when they are given (the last pass's diagnostics). One compiled call on a CPU where the kernels
+    serve (four small torch ops cost about 15 us each inside a layer); these torch ops are the reference."""
+    if kernels.record_routing(stats, sq_sum, count, load, entropy, tokens):
+        return
+    experts = (stats.numel() - 1) // 2
+    with torch.no_grad():
+        if sq_sum is not None and count is not None:
+            sq_sum.add_(stats[:experts])
+            count.add_(tokens)
+        if load is not None and entropy is not None:
+            load.copy_(stats[experts : 2 * experts])
+            entropy.copy_(stats[2 * experts])
 
 
 def init_router_(weight: torch.Tensor, scheme: str, std: float = 0.02) -> None:

@@ -204,6 +204,8 @@ def record_routing(stats: torch.Tensor, sq_sum: torch.Tensor | None, count: torc
     if len(accumulate) == 1 or len(overwrite) == 1:
         raise ValueError("record_routing: give sq_sum with count and load with entropy, or neither of a pair")
     written = accumulate + overwrite
+    if not written:
+        return True  # nothing to record
     if not _plain(stats, *written):
         return False
     library = _load()
@@ -216,8 +218,7 @@ def record_routing(stats: torch.Tensor, sq_sum: torch.Tensor | None, count: torc
 
     library.moelora_record_routing_f32(num_experts, float(tokens), stats.data_ptr(), pointer(sq_sum), pointer(count),
                                        pointer(load), pointer(entropy))
-    if written:
-        torch.autograd.graph.increment_version(written)
+    torch.autograd.graph.increment_version(written)
     return True
 
 
