@@ -66,6 +66,11 @@ class MoELoRAConfig:
         modules_to_save: other modules to train and to store in the adapter file beside the experts (a
             new classification head, an embedding), matched as a list ``target_modules`` is. They stay
             where they are in the model (trained in place) and ``load_adapter`` restores them.
+        skip_padding: in training, compute the experts and the router on a padded batch's real tokens only
+            (the ``attention_mask`` given to the model's decoder; ``moelora.layers.token_rows``). The loss and
+            every gradient are unchanged, the routing statistics count real tokens only. Applies to
+            decoders of the model types in ``moelora.layers.token_rows.SKIPS_PADDING_MODEL_TYPES``, whose
+            padding positions cannot reach real ones, and not under activation checkpointing.
     """
 
     num_experts: int = 20
@@ -81,6 +86,7 @@ class MoELoRAConfig:
     track_router_stats: bool = True
     expert_compute: ExpertCompute = "auto"
     modules_to_save: list[str] = field(default_factory=list)
+    skip_padding: bool = True
 
     def __post_init__(self) -> None:
         _check_int_range("num_experts", self.num_experts, 1)
@@ -110,6 +116,8 @@ class MoELoRAConfig:
         self.target_modules = _normalise_targets("target_modules", self.target_modules, allow_regex=True)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules, allow_empty=True)
         self.modules_to_save = _normalise_targets("modules_to_save", self.modules_to_save, allow_empty=True)
+        if not isinstance(self.skip_padding, bool):
+            raise ConfigError(f"skip_padding must be true or false, got {self.skip_padding!r}")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
         self.gate_backward_power = float(self.gate_backward_power)

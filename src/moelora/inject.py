@@ -12,6 +12,7 @@ from torch import nn
 from .config import MoELoRAConfig
 from .errors import ConfigError
 from .kbit import keep_4bit_layers_differentiable
+from .layers import token_rows
 from .layers.linear import MoELoRALinear, _is_conv1d
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
 
     Every other parameter is frozen, except those of ``config.modules_to_save``; bitsandbytes 4-bit layers
     are kept differentiable in their input (``moelora.kbit``). Adapters are created
-    in float32 (float64 beside a float64 base) unless ``adapter_dtype`` is given. A transformers model's
+    in float32 (float64 beside a float64 base) unless ``adapter_dtype`` is given. With
+    ``config.skip_padding`` the model's decoder is hooked so that, in training, the adapters compute a
+    padded batch's real tokens only (``moelora.layers.token_rows``). A transformers model's
     ``save_pretrained`` refuses while it is wrapped (use ``moelora.save_adapter``). Returns ``model``.
 
     Raises:
@@ -145,6 +148,8 @@ def wrap(model: nn.Module, config: MoELoRAConfig, adapter_dtype: torch.dtype | N
         layer.train(base.training)  # follow the replaced module: an eval-mode model stays in eval mode
         _set_submodule(model, name, layer)
     setattr(model, CONFIG_ATTR, config)
+    if config.skip_padding:
+        token_rows.install(model)
     if callable(getattr(model, "save_pretrained", None)):
         object.__setattr__(model, "save_pretrained", _SaveGuard())  # an instance attribute: unwrap removes it
     setattr(model, _DDP_IGNORE_ATTR, [f"{n}.{b}" for n, _ in moelora_layers(model) for b in _STAT_BUFFERS])
@@ -160,6 +165,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     for name, layer in list(moelora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
+    token_rows.uninstall(model)
     for attr in (CONFIG_ATTR, _DDP_IGNORE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -11,7 +11,10 @@ For tokens ``x`` (T, d_in), the frozen base map (``W`` (d_out, d_in) with bias `
     G      = top-k softmax gates        (T, E)       float32, renormalised over the kept experts
     out    = x W^T + b + s (h * G) B_cat^T           (T, d_out), G repeated over each expert's r columns
 
-The ``1 / q`` dropout rescaling is in ``s`` (the caller folds it there).
+The ``1 / q`` dropout rescaling is in ``s`` (the caller folds it there). Given ``rows`` (n,) (the real
+tokens of a padded batch, ``moelora.layers.token_rows``), the experts and the router compute on those rows
+only: ``h``, ``G`` and the gradients below are ``(n, .)``, ``m`` is the full mask's rows, and the other rows
+of ``out`` are the base output alone.
 
 Backward (method.md section 3), with ``d = dL/dout`` (T, d_out), ``G^p`` the backward gate power of the
 paper's engineering strategy (``routing.gate_power``) and ``s dz = s d B_cat`` (T, E*r):
@@ -48,7 +51,7 @@ from typing import Any
 
 import torch
 
-from . import kernels
+from . import kernels, token_rows
 from .dropout import DropoutMask, apply_mask
 from .routing import gate_power, route_top_k, router_backward, routing_statistics
 
@@ -138,8 +141,8 @@ def gate_products(scaled_dz: torch.Tensor, h: torch.Tensor, gates: torch.Tensor,
 
 
 class DenseMoELoRA(torch.autograd.Function):
-    """``(x, W | None, b | None, A, R, B, router_input | None, base | None, mask | None, spec)`` ->
-    ``(out, stats)``.
+    """``(x, W | None, b | None, A, R, B, router_input | None, base | None, mask | None, spec, rows | None)``
+    -> ``(out, stats)``.
 
     ``x`` is in the compute dtype, to which ``W``, ``b``, ``A`` and ``B`` are cast here (their gradients
     come back in their own dtypes). ``W`` (with ``b``) is given when the base map is a plain linear map
@@ -147,14 +150,16 @@ class DenseMoELoRA(torch.autograd.Function):
     which the experts' output is added (out of place), or both are None and ``out`` is the experts'
     output alone. ``router_input`` is ``x`` in the router's dtype when that differs from the compute
     dtype (under autocast the router stays in float32); None: the router reads ``x``. ``stats`` is the
-    forward pass's ``routing_statistics``, not differentiable, for the layer's records.
+    forward pass's ``routing_statistics``, not differentiable, for the layer's records. ``rows`` (n,)
+    int64: the experts and the router compute those rows of ``x`` only (``mask`` then a ``DropoutMask`` or
+    None); the other rows of ``out`` are the base output (zero without one) and get no expert gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, router: torch.Tensor, lora_b: torch.Tensor,
                 router_input: torch.Tensor | None, base: torch.Tensor | None,
-                mask: DropoutMask | torch.Tensor | None, spec: MixSpec):
+                mask: DropoutMask | torch.Tensor | None, spec: MixSpec, rows: torch.Tensor | None = None):
         # forward(ctx, ...) rather than setup_context: Function.apply then skips binding the arguments
         # through inspect.signature (about 70 us per call).
         dtype = x.dtype
@@ -162,25 +167,43 @@ class DenseMoELoRA(torch.autograd.Function):
         experts_cols = num_experts * rank
         a_cat = stacked_a(lora_a, dtype)
         joint = router_input is None and mask is None
+        if rows is not None and not (mask is None or isinstance(mask, DropoutMask)):
+            raise ValueError("DenseMoELoRA: rows need a DropoutMask (or no mask), not a mask tensor")
+        row_mask = mask if isinstance(mask, DropoutMask) else None
         if joint:  # one GEMM for the experts and the router: [h, logits] = x [A_cat; R]^T
-            projected = x @ torch.cat([a_cat, _as(router, dtype)]).t()
+            experts_in = x if rows is None else token_rows.gather(x, rows)
+            projected = experts_in @ torch.cat([a_cat, _as(router, dtype)]).t()
             h, logits = projected[:, :experts_cols], projected[:, experts_cols:]
         else:
-            h = (x if mask is None else apply_mask(mask, x)) @ a_cat.t()
+            if rows is None:
+                h = (x if mask is None else apply_mask(mask, x)) @ a_cat.t()
+            else:
+                h = token_rows.gather(x, rows, row_mask) @ a_cat.t()
+            # The router reads x unmasked: computed on every row (no gathered copy of x), its rows kept.
             logits = x @ _as(router, dtype).t() if router_input is None else router_input @ router.t()
+            if rows is not None:
+                logits = logits.index_select(0, rows)
         gates, z, stats = route_and_gate(logits, h, spec.top_k)
         b_cat = stacked_b(lora_b, dtype)
         if weight is not None:
             w = _as(weight, dtype)
             out = x @ w.t() if bias is None else torch.addmm(_as(bias, dtype), x, w.t())
-            out.addmm_(z, b_cat.t(), alpha=spec.scaling)  # accumulated into the fresh base output
+            if rows is None:
+                out.addmm_(z, b_cat.t(), alpha=spec.scaling)  # accumulated into the fresh base output
         elif base is not None:
-            out = torch.addmm(base, z, b_cat.t(), alpha=spec.scaling)  # base + s z B^T in one kernel
-        else:
+            if rows is None:
+                out = torch.addmm(base, z, b_cat.t(), alpha=spec.scaling)  # base + s z B^T in one kernel
+            else:
+                out = base.clone(memory_format=torch.contiguous_format)
+        elif rows is None:
             out = _scaled_mm(z, b_cat.t(), spec.scaling)
+        else:
+            out = x.new_zeros(x.shape[0], b_cat.shape[0])
+        if rows is not None:
+            token_rows.scatter_add_(out, rows, _scaled_mm(z, b_cat.t(), spec.scaling))
 
         stored_mask = mask if isinstance(mask, torch.Tensor) else None  # a boolean mask (torch.compile) is kept
-        ctx.save_for_backward(x, weight, lora_a, router, lora_b, h, gates, router_input, stored_mask)
+        ctx.save_for_backward(x, weight, lora_a, router, lora_b, h, gates, router_input, stored_mask, rows)
         ctx.mask = mask if isinstance(mask, DropoutMask) else None
         ctx.spec, ctx.joint, ctx.has_base = spec, joint, base is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -189,13 +212,14 @@ class DenseMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_stats: Any):
-        x, weight, lora_a, router, lora_b, h, gates, router_input, stored = ctx.saved_tensors
+        x, weight, lora_a, router, lora_b, h, gates, router_input, stored, rows = ctx.saved_tensors
         spec: MixSpec = ctx.spec
         need_x, need_w, need_b, need_a, need_r, need_bmat, need_ri, need_base = ctx.needs_input_grad[:8]
-        tokens, dtype = x.shape[0], x.dtype
+        tokens, dtype = h.shape[0], x.dtype
         num_experts, rank, _ = lora_a.shape
         experts_cols = num_experts * rank
         grad_out = grad_out.contiguous()
+        grad_rows = grad_out if rows is None else token_rows.gather(grad_out, rows)  # (n, d_out)
         b_cat = stacked_b(lora_b, dtype)
         a_cat = stacked_a(lora_a, dtype)
 
@@ -203,7 +227,7 @@ class DenseMoELoRA(torch.autograd.Function):
         need_h = need_x or need_a
         need_logits = need_x or need_r or need_ri
         if need_h or need_logits:
-            scaled_dz = _scaled_mm(grad_out, b_cat, spec.scaling)  # (T, E*r)
+            scaled_dz = _scaled_mm(grad_rows, b_cat, spec.scaling)  # (n, E*r)
             # [dh, dlogits] side by side: one buffer, the operand of the GEMMs into A, R and x.
             if ctx.joint:
                 grad_proj = x.new_empty(tokens, experts_cols + num_experts)
@@ -217,33 +241,53 @@ class DenseMoELoRA(torch.autograd.Function):
             h_gp = h_gp.view(tokens, experts_cols)
 
         if need_bmat:
-            grad_b_cat = _scaled_mm(grad_out.t(), h_gp, spec.scaling)
+            grad_b_cat = _scaled_mm(grad_rows.t(), h_gp, spec.scaling)
             grad_bmat = _as(swap_leading(grad_b_cat.view(-1, num_experts, rank)), lora_b.dtype)
 
         mask = stored if ctx.mask is None else ctx.mask  # a DropoutMask draws the forward pass's mask again
+        # The input gradient of the rows the experts computed, when they are not every row: added into grad_x.
+        grad_x_rows: torch.Tensor | None = None
         if ctx.joint:
+            experts_in = x if rows is None or not (need_a or need_r) else token_rows.gather(x, rows)
             if need_a or need_r:
-                grad_ar = grad_proj.t() @ x  # (E*r + E, d_in)
+                grad_ar = grad_proj.t() @ experts_in  # (E*r + E, d_in)
                 grad_a, grad_r = grad_ar[:experts_cols], _as(grad_ar[experts_cols:], router.dtype)
             if need_x:
-                grad_x = grad_proj @ torch.cat([a_cat, _as(router, dtype)])
+                grad_x_rows = grad_proj @ torch.cat([a_cat, _as(router, dtype)])
         else:
+            if rows is not None and need_logits:  # the router computed every row: its gradient too (0 at padding)
+                grad_logits = grad_logits.new_zeros(x.shape[0], num_experts).index_copy_(0, rows, grad_logits)
             if need_a:
-                grad_a = grad_h.t() @ (x if mask is None else apply_mask(mask, x))
+                if rows is None:
+                    grad_a = grad_h.t() @ (x if mask is None else apply_mask(mask, x))
+                else:
+                    grad_a = grad_h.t() @ token_rows.gather(x, rows, ctx.mask)
             if need_r:
                 grad_r = _as(grad_logits.t() @ (x if router_input is None else router_input), router.dtype)
             if need_x:
-                grad_x = grad_h @ a_cat
-                if mask is not None:
-                    apply_mask(mask, grad_x, inplace=True)
-                if router_input is None:
-                    grad_x.addmm_(grad_logits, _as(router, dtype))
+                grad_x_rows = grad_h @ a_cat
+                if rows is None and mask is not None:
+                    apply_mask(mask, grad_x_rows, inplace=True)
             if need_ri:
                 grad_ri = grad_logits @ router
-        if weight is not None:
-            if need_x:
-                assert grad_x is not None  # built above whenever need_x
+        if need_x:
+            assert grad_x_rows is not None  # built above whenever need_x
+            router_x = not ctx.joint and router_input is None  # the router's input gradient goes into grad_x
+            if rows is None:
+                grad_x = grad_x_rows
+            elif weight is not None:
+                grad_x = grad_out @ _as(weight, dtype)
+            elif router_x:
+                grad_x, router_x = grad_logits @ _as(router, dtype), False
+            else:
+                grad_x = x.new_zeros(x.shape)
+            if router_x:
+                grad_x.addmm_(grad_logits, _as(router, dtype))
+            if rows is not None:
+                token_rows.scatter_add_(grad_x, rows, grad_x_rows, None if ctx.joint else ctx.mask)
+            elif weight is not None:
                 grad_x.addmm_(grad_out, _as(weight, dtype))
+        if weight is not None:
             if need_w:
                 grad_w = _as(grad_out.t() @ x, weight.dtype)
             if need_b:
@@ -252,4 +296,4 @@ class DenseMoELoRA(torch.autograd.Function):
             grad_a = _as(grad_a.reshape(lora_a.shape), lora_a.dtype)
         grad_base = grad_out if ctx.has_base and need_base else None
         return (grad_x, grad_w, grad_bias, grad_a, grad_r if need_r else None, grad_bmat, grad_ri, grad_base,
-                None, None)
+                None, None, None)

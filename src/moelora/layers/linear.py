@@ -26,6 +26,7 @@ from .dropout import DropoutMask, apply_mask, draw_mask, keep_probability
 from .inference import SPARSE_GATHER_TOKENS, inference_forward, is_plain_linear, sparse_inference_forward
 from .routing import init_router_, record_statistics_, routing_statistics, top_k_routing
 from .sparse import sparse_expert_output, sparse_is_cheaper, sparse_shape_problem, sparse_supported
+from .token_rows import current_rows
 
 # Every MoE-LoRA layer alive in this process. The optimizers find which layer owns a parameter, and whether
 # it is that layer's A or B, by reading the layers' current attributes (``parameter_owners``): a binding
@@ -226,19 +227,24 @@ class MoELoRALinear(nn.Module):
                 return sparse_inference_forward(self, x, args, kwargs)
         lead_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
+        # In training, a padded batch's real rows only (moelora.layers.token_rows); None: every row.
+        rows = current_rows(lead_shape, x.device) if self.training and torch.is_grad_enabled() else None
+        sparse = self.uses_sparse(tokens)
         mask: DropoutMask | torch.Tensor | None = None
         scaling = self.scaling
         if self.training and self.dropout > 0:
-            mask = draw_mask(tokens.shape, self.dropout, tokens.device)
+            # The dense form reads the full mask's rows; the sparse form gathers its rows first.
+            shape = tokens.shape if rows is None or not sparse else (rows.shape[0], self.in_features)
+            mask = draw_mask(shape, self.dropout, tokens.device)
             scaling = self.scaling / keep_probability(self.dropout, tokens.device)  # drop(x) = x * m / q
-        if self.uses_sparse(tokens):
-            out = self._forward_sparse(x, tokens, mask, scaling, args, kwargs)
+        if sparse:
+            out = self._forward_sparse(x, tokens, mask, scaling, args, kwargs, rows)
         else:
-            out = self._forward_dense(x, tokens, mask, scaling, args, kwargs)
+            out = self._forward_dense(x, tokens, mask, scaling, args, kwargs, rows)
         return out.view(*lead_shape, self.out_features)
 
     def _forward_dense(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
-                       scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
+                       scaling: float, args: tuple, kwargs: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Every expert on every token (``DenseMoELoRA``), ``(T, d_out)``.
 
         Under ``torch.autocast`` the experts compute in the autocast dtype with every operand cast
@@ -264,15 +270,17 @@ class MoELoRALinear(nn.Module):
             into_base = base_out if base_out is not None and base_out.dtype == dtype else None
             inputs = tokens if tokens.dtype == dtype else tokens.to(dtype)
             out, stats = DenseMoELoRA.apply(inputs, weight, bias, self.lora_A, router, self.lora_B, router_input,
-                                            into_base, mask, MixSpec(scaling, self.gate_backward_power, self.top_k))
-        self._record_routing(stats, tokens.shape[0])
+                                            into_base, mask, MixSpec(scaling, self.gate_backward_power, self.top_k),
+                                            rows)
+        self._record_routing(stats, tokens.shape[0] if rows is None else rows.shape[0])
         if base_out is not None and into_base is None:
             return base_out + out.to(base_out.dtype)
         return out
 
     def _forward_sparse(self, x: torch.Tensor, tokens: torch.Tensor, mask: DropoutMask | torch.Tensor | None,
-                        scaling: float, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The same function as the dense path, computing only the ``T * top_k`` selected pairs.
+                        scaling: float, args: tuple, kwargs: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The same function as the dense path, computing only the ``T * top_k`` selected pairs (of the
+        ``rows`` only, when given; ``mask`` is then over those rows).
 
         The grouped GEMMs run in the adapter's dtype (float32), also under autocast.
         """
@@ -280,13 +288,15 @@ class MoELoRALinear(nn.Module):
         compute = autocast_dtype(tokens.device.type)
         with torch.autocast(tokens.device.type, enabled=False) if compute is not None else contextlib.nullcontext():
             adapter_in = tokens.to(self.lora_A.dtype)
+            if rows is not None:
+                adapter_in = adapter_in.index_select(0, rows)
             logits = adapter_in @ self.router.weight.t()  # the router sees the input without dropout
             weights, index = top_k_routing(logits, self.top_k)
-            self._record_routing(routing_statistics(weights.detach(), index, self.num_experts), tokens.shape[0])
+            self._record_routing(routing_statistics(weights.detach(), index, self.num_experts), adapter_in.shape[0])
             expert_in = adapter_in if mask is None else apply_mask(mask, adapter_in)
             outputs, token_of = sparse_expert_output(expert_in, weights, index, self.lora_A, self.lora_B, scaling,
                                                      self.gate_backward_power)
-        return result.index_add(0, token_of, outputs.to(result.dtype))
+        return result.index_add(0, token_of if rows is None else rows[token_of], outputs.to(result.dtype))
 
     def _base_is_fusable(self, tokens: torch.Tensor, compute: torch.dtype | None = None) -> bool:
         """Whether ``DenseMoELoRA`` may compute the base map itself: a plain ``nn.Linear`` (no subclass,

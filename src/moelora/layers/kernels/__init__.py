@@ -51,6 +51,8 @@ _SIGNATURES = {  # every function returns void, except those in _RETURNS_STATUS
     "moelora_decode_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _F64, _PTR, _I64, _PTR, _PTR, _PTR, _I64],
     "moelora_keep_mask": [_I64, _U64, _U32, _PTR],
     "moelora_dropout_f32": [_I64, _I64, _PTR, _I64, _PTR, _I64, _U64, _U32],
+    "moelora_gather_rows_f32": [_I64, _I64, _PTR, _PTR, _I64, _PTR, _U64, _U32],
+    "moelora_scatter_add_rows_f32": [_I64, _I64, _PTR, _PTR, _PTR, _I64, _U64, _U32],
     "moelora_gram_rows_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_gram_cols_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
@@ -314,6 +316,46 @@ def dropout(x: torch.Tensor, seed: int, threshold: int, out: torch.Tensor | None
     rows, cols = x.shape
     library.moelora_dropout_f32(rows, cols, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), seed, threshold)
     return out
+
+
+NO_MASK = 1 << 16  # the row kernels' threshold that keeps every element
+
+
+def _row_index(rows: torch.Tensor) -> bool:
+    return rows.device.type == "cpu" and rows.dtype == torch.int64 and rows.dim() == 1 and rows.is_contiguous()
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, seed: int = 0, threshold: int = NO_MASK) -> torch.Tensor | None:
+    """``(x * m)[rows]`` (n, d) for a 2-d float32 CPU ``x`` with contiguous rows, ``rows`` (n,) int64 row
+    indices and ``m`` the keep-mask of ``seed`` over ``x``'s shape (``threshold = NO_MASK``: no mask), or
+    None where the kernels do not serve. The rows' mask elements are those of the full ``x``."""
+    if not _rows(x) or not _row_index(rows) or torch.compiler.is_compiling():
+        return None
+    library = _load()
+    if library is None:
+        return None
+    out = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype)
+    library.moelora_gather_rows_f32(rows.shape[0], x.shape[1], rows.data_ptr(), x.data_ptr(), x.stride(0),
+                                    out.data_ptr(), seed, threshold)
+    return out
+
+
+def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, seed: int = 0,
+                     threshold: int = NO_MASK) -> bool:
+    """``out[rows] += src * m[rows]`` in place for float32 CPU tensors (``out`` (T, d) with contiguous rows,
+    ``src`` (n, d) contiguous, ``rows`` (n,) distinct int64 indices, ``m`` the keep-mask of ``seed`` over
+    ``out``'s shape; ``threshold = NO_MASK``: no mask); False (nothing written) where the kernels do not
+    serve. Advances ``out``'s version counter as an in-place op would."""
+    if (not _rows(out) or not _plain(src) or not _row_index(rows) or src.dim() != 2
+            or src.shape != (rows.shape[0], out.shape[1])):
+        return False
+    library = _load()
+    if library is None:
+        return False
+    library.moelora_scatter_add_rows_f32(rows.shape[0], out.shape[1], rows.data_ptr(), src.data_ptr(),
+                                         out.data_ptr(), out.stride(0), seed, threshold)
+    torch.autograd.graph.increment_version(out)
+    return True
 
 
 def _plain(*tensors: torch.Tensor) -> bool:

@@ -64,3 +64,44 @@ void moelora_dropout_f32(int64_t T, int64_t d, const float *x, int64_t xs, float
         }
     }
 }
+
+/* Row-indexed variants for a layer that computes only some token rows (moelora.layers.token_rows): row i
+ * of the compact (n, d) array is row rows[i] of the full (T, d) one, and its mask element of column c is
+ * that of the full row, e = rows[i] * d + c, so the compact rows see the mask the full array would. A
+ * threshold of 0x10000 keeps every element (a plain gather / scatter). */
+
+/* out[i, c] = x[rows[i], c] * m(rows[i] * d + c) for i < n; x has row stride xs, out is contiguous. */
+void moelora_gather_rows_f32(int64_t n, int64_t d, const int64_t *rows, const float *x, int64_t xs, float *out,
+                             uint64_t seed, uint32_t threshold) {
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int64_t i = 0; i < n; i++) {
+        const float *xr = x + rows[i] * xs;
+        float *orow = out + i * d;
+        if (threshold > 0xffffu) {
+            for (int64_t c = 0; c < d; c++) orow[c] = xr[c];
+            continue;
+        }
+        uint64_t base = (uint64_t)(rows[i] * d);
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) orow[c] = lane(base + (uint64_t)c, k0, k1) < threshold ? xr[c] : 0.0f;
+    }
+}
+
+/* out[rows[i], c] += src[i, c] * m(rows[i] * d + c) for i < n; src is contiguous, out has row stride os.
+ * The rows must be distinct (each output row is written by one i). */
+void moelora_scatter_add_rows_f32(int64_t n, int64_t d, const int64_t *rows, const float *src, float *out,
+                                  int64_t os, uint64_t seed, uint32_t threshold) {
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int64_t i = 0; i < n; i++) {
+        const float *sr = src + i * d;
+        float *orow = out + rows[i] * os;
+        if (threshold > 0xffffu) {
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++) orow[c] += sr[c];
+            continue;
+        }
+        uint64_t base = (uint64_t)(rows[i] * d);
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) orow[c] += lane(base + (uint64_t)c, k0, k1) < threshold ? sr[c] : 0.0f;
+    }
+}
