@@ -237,3 +237,40 @@ def test_skip_padding_must_be_a_bool():
     with pytest.raises(moelora.ConfigError, match="skip_padding"):
         moelora.MoELoRAConfig(skip_padding="yes")  # type: ignore[arg-type]
     assert moelora.MoELoRAConfig.from_dict(moelora.MoELoRAConfig(skip_padding=False).to_dict()).skip_padding is False
+
+
+def test_a_vision_language_model_skips_the_language_models_padding_only():
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    from moelora.finetune.vision import random_llava
+
+    base, processor = random_llava()
+    targets = r".*(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"  # both towers
+    models = {skip: moelora.wrap(copy.deepcopy(base), moelora.MoELoRAConfig(target_modules=targets, dropout=0.1,
+                                                                            skip_padding=skip)).train()
+              for skip in (True, False)}
+    for _, layer in moelora.moelora_layers(models[True]):
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+    models[False].load_state_dict(models[True].state_dict())
+    image = Image.fromarray((np.random.RandomState(0).rand(28, 28, 3) * 255).astype("uint8"))
+    batch = processor(text=["<image> hi there friend", "<image> a b"], images=[image, image], return_tensors="pt",
+                      padding=True)
+    assert not batch["attention_mask"].all()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    results = {}
+    for skip, model in models.items():
+        torch.manual_seed(3)
+        model(**batch, labels=labels).loss.backward()
+        counts = {name: layer.gate_token_count.item() for name, layer in moelora.moelora_layers(model)}
+        results[skip] = ({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, counts)
+    grads, counts = results[True]
+    for name, want in results[False][0].items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    real, positions = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+    for name, count in counts.items():  # the vision tower's patches all count; the text's padding does not
+        want_count = results[False][1][name] if "vision_tower" in name else real
+        assert count == want_count, name
+    assert any(results[False][1][n] == positions for n in counts if "language_model" in n)

@@ -95,8 +95,9 @@ class MoELoRALinear(nn.Module):
         gate_token_count: ``()`` float32 number of tokens in that sum.
         expert_load / gate_entropy: router diagnostics of the last forward pass (see ``moelora.layers.routing``).
 
-    The gate statistics are recorded only when ``self.training and torch.is_grad_enabled()``; every
-    position counts, padding included (the layer does not see the attention mask). An optimizer with
+    The gate statistics are recorded only when ``self.training and torch.is_grad_enabled()``, over the
+    rows the layer computes: every position, or a padded batch's real tokens only while its decoder runs
+    with an ``attention_mask`` (``moelora.layers.token_rows``). An optimizer with
     ``preconditioner="gate_rescaled"`` consumes and resets them after each step.
     """
 
