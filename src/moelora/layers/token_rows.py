@@ -6,8 +6,9 @@ real position or the loss: the loss, every real position's output and every grad
 whatever is computed there. So while the decoder runs on a batch with a 2-d ``attention_mask``, its
 MoE-LoRA layers compute the experts and the router on the ``n`` real rows only (``rows``, the flat indices
 of the real positions among the ``B * S``) and add nothing at padding positions, which keep the base
-map's output. That is ``1 - n / (B * S)`` of the adapters' work saved, and the routing statistics (the
-gate-rescaled preconditioner's ``g^2`` means, the load and entropy diagnostics) count real tokens only.
+map's output. The experts' GEMMs then have ``n`` rows instead of ``B * S`` (the router's too without
+dropout), and the routing statistics (the gate-rescaled preconditioner's ``g^2`` means, the load and
+entropy diagnostics) count real tokens only.
 
 ``install(model)`` (called by ``moelora.wrap`` unless ``skip_padding=False``) puts a forward pre-hook on
 the model's decoder (``get_decoder()``) that reads the call's ``attention_mask`` and makes its rows
