@@ -185,21 +185,24 @@ class DenseMoELoRA(torch.autograd.Function):
                 logits = logits.index_select(0, rows)
         gates, z, stats = route_and_gate(logits, h, spec.top_k)
         b_cat = stacked_b(lora_b, dtype)
+        base_map = None
         if weight is not None:
             w = _as(weight, dtype)
-            out = x @ w.t() if bias is None else torch.addmm(_as(bias, dtype), x, w.t())
-            if rows is None:
-                out.addmm_(z, b_cat.t(), alpha=spec.scaling)  # accumulated into the fresh base output
-        elif base is not None:
-            if rows is None:
+            base_map = x @ w.t() if bias is None else torch.addmm(_as(bias, dtype), x, w.t())
+        if rows is None:
+            if base_map is not None:
+                out = base_map.addmm_(z, b_cat.t(), alpha=spec.scaling)  # accumulated into the fresh base output
+            elif base is not None:
                 out = torch.addmm(base, z, b_cat.t(), alpha=spec.scaling)  # base + s z B^T in one kernel
             else:
+                out = _scaled_mm(z, b_cat.t(), spec.scaling)
+        else:  # the experts' rows added into the base output (zero without one)
+            if base_map is not None:
+                out = base_map
+            elif base is not None:
                 out = base.clone(memory_format=torch.contiguous_format)
-        elif rows is None:
-            out = _scaled_mm(z, b_cat.t(), spec.scaling)
-        else:
-            out = x.new_zeros(x.shape[0], b_cat.shape[0])
-        if rows is not None:
+            else:
+                out = x.new_zeros(x.shape[0], b_cat.shape[0])
             token_rows.scatter_add_(out, rows, _scaled_mm(z, b_cat.t(), spec.scaling))
 
         stored_mask = mask if isinstance(mask, torch.Tensor) else None  # a boolean mask (torch.compile) is kept
@@ -248,8 +251,8 @@ class DenseMoELoRA(torch.autograd.Function):
         # The input gradient of the rows the experts computed, when they are not every row: added into grad_x.
         grad_x_rows: torch.Tensor | None = None
         if ctx.joint:
-            experts_in = x if rows is None or not (need_a or need_r) else token_rows.gather(x, rows)
             if need_a or need_r:
+                experts_in = x if rows is None else token_rows.gather(x, rows)
                 grad_ar = grad_proj.t() @ experts_in  # (E*r + E, d_in)
                 grad_a, grad_r = grad_ar[:experts_cols], _as(grad_ar[experts_cols:], router.dtype)
             if need_x:

@@ -134,6 +134,11 @@ class DropoutMask:
         seed = int(torch.randint(0, _INT64_MAX, (1,), dtype=torch.int64))
         return cls(tuple(shape), p, torch.device(device), seed)
 
+    @property
+    def threshold(self) -> int:
+        """The CPU mask's keep threshold: an element keeps when its 16-bit hashed lane is below it."""
+        return _keep_threshold(self.p)
+
     def materialize(self) -> torch.Tensor:
         """The ``bool`` keep-mask: ``hashed_keep_mask`` on a CPU, elsewhere ``keep_mask`` from a generator
         seeded with ``seed``."""
@@ -152,7 +157,7 @@ class DropoutMask:
                 raise RuntimeError("DropoutMask.apply(inplace=True) on a tensor that requires grad")
             return _Dropped.apply(x, self)
         if self.device.type == "cpu":
-            out = kernels.dropout(x, self.seed, _keep_threshold(self.p), out=x if inplace else None)
+            out = kernels.dropout(x, self.seed, self.threshold, out=x if inplace else None)
             if out is not None:
                 return out
         return _multiply(x, self.materialize(), inplace)

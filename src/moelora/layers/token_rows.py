@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .dropout import DropoutMask, _keep_threshold, mask_values
+from .dropout import DropoutMask, mask_values
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def current_rows(lead_shape: torch.Size | tuple[int, ...], device: torch.device)
 
 def _threshold(mask: DropoutMask | None) -> tuple[int, int]:
     """``(seed, threshold)`` of the row kernels for ``mask`` (``kernels.NO_MASK``: no mask)."""
-    return (0, kernels.NO_MASK) if mask is None else (mask.seed, _keep_threshold(mask.p))
+    return (0, kernels.NO_MASK) if mask is None else (mask.seed, mask.threshold)
 
 
 def _mask_rows(mask: DropoutMask, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
