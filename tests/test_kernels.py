@@ -13,6 +13,7 @@ import torch
 
 from moelora.layers import dense, dropout, kernels, routing
 from moelora.layers.linear import MoELoRALinear
+from moelora.optim import precondition
 
 # Skipped only where the kernels cannot be built at all; with a compiler, a failed build fails the tests.
 pytestmark = pytest.mark.skipif(kernels.compiler() is None or not kernels.wanted(),
@@ -274,7 +275,7 @@ def test_applying_a_mask_under_autograd_passes_the_masked_gradient():
     assert torch.equal(x.grad, upstream * mask.materialize())
 
 
-@pytest.mark.parametrize("experts,rank,width", [(20, 4, 576), (3, 1, 7), (5, 8, 33), (2, 16, 16)])
+@pytest.mark.parametrize("experts,rank,width", [(20, 4, 576), (3, 1, 7), (5, 8, 33), (2, 16, 16), (4, 4, 37), (2, 4, 5)])
 def test_batched_kernels_equal_bmm(experts, rank, width):
     """The optimizers' per-expert products against torch.bmm."""
     g = torch.Generator().manual_seed(7)
@@ -287,6 +288,107 @@ def test_batched_kernels_equal_bmm(experts, rank, width):
     torch.testing.assert_close(kernels.left_mul(p, a), torch.bmm(p, a), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernels.right_mul(b, p), torch.bmm(b, p), rtol=1e-5, atol=1e-5)
     assert not kernels.batched_applies(a.double()) and not kernels.batched_applies(a[:, :, ::2])
+
+
+def test_the_grams_of_many_layers_in_one_call_equal_bmm():
+    g = torch.Generator().manual_seed(3)
+    partners = [torch.randn(5, 40, 4, generator=g), torch.randn(3, 4, 24, generator=g),
+                torch.randn(2, 19, 4, generator=g), torch.randn(4, 4, 7, generator=g)]
+    of_a = [True, False, True, False]  # an A-factor's partner is its B (E, d_out, r), a B-factor's its A
+    want = torch.cat([torch.bmm(p.mT, p) if a else torch.bmm(p, p.mT) for p, a in zip(partners, of_a)])
+    torch.testing.assert_close(kernels.grams(partners, of_a, 4), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 7, 16])
+def test_the_inverse_kernel_equals_torchs_cholesky_and_reports_the_same_failures(rank, monkeypatch):
+    g = torch.Generator().manual_seed(rank)
+    factors = torch.randn(12, rank, rank + 3, generator=g)
+    systems = factors @ factors.mT + 0.1 * torch.eye(rank)
+    systems[1] = -torch.eye(rank)  # not positive definite
+    systems[2, 0, 0] = float("nan")  # neither
+    # Subnormal pivots: the kernel keeps them and the inverse overflows (non-finite); MKL may flush them to
+    # zero (not positive definite). A failure either way.
+    systems[3] = torch.eye(rank) * 1e-39
+    systems[4, rank - 1, rank - 1] = -1.0  # fails at the last pivot
+    systems[5] = torch.zeros(rank, rank)  # B = 0 before the first step, undamped
+    got, not_pd, non_finite = precondition.damped_inverse(systems)
+    monkeypatch.setattr(kernels, "_load", lambda: None)  # torch's cholesky_ex and cholesky_inverse
+    want, want_not_pd, want_non_finite = precondition.damped_inverse(systems)
+    assert (not_pd | non_finite).tolist() == (want_not_pd | want_non_finite).tolist()
+    keep = [i for i in range(12) if i != 3]
+    assert not_pd[keep].tolist() == want_not_pd[keep].tolist() and not non_finite[keep].any()
+    assert not_pd[[1, 2, 4, 5]].all() and non_finite[3] and not (not_pd | non_finite)[6:].any()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1:6], torch.zeros(5, rank, rank)) and got[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rank,widths", [(4, (576, 192)), (1, (9, 5)), (3, (2100, 700)), (8, (33, 300)), (16, (3, 16))])
+def test_the_fused_preconditioned_adamw_gives_the_floats_of_preconditioning_then_adamw(rank, widths):
+    """Bit for bit: the products of left_mul / right_mul, the scale, then the AdamW loop; A-rows wider than
+    the kernel's block and B-factors of more rows than one block included."""
+    g = torch.Generator().manual_seed(rank)
+    d_in, d_out = widths
+    shapes = [(3, rank, d_in), (3, d_out, rank), (2, rank, d_out), (2, d_in, rank)]
+    of_a = [True, False, True, False]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    exp_avgs = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    exp_avg_sqs = [torch.rand(s, generator=g) * 0.01 for s in shapes]
+    inverses = [torch.randn(s[0], rank, rank, generator=g) for s in shapes]
+    scales, steps, bc2 = [1.0, 0.25, 0.5, 1.0], [1e-3, 2e-3, 1e-3, 5e-4], [0.1, 0.2, 0.3, 1.0]
+    hyper = dict(lr=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    want = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    preconditioned = [(kernels.left_mul(p, gr) if a else kernels.right_mul(gr, p)) * s
+                      for p, gr, a, s in zip(inverses, grads, of_a, scales)]
+    kernels.adamw(want[0], preconditioned, want[1], want[2], steps, bc2, **hyper)
+    assert kernels.precondition_adamw_applies(params, of_a, inverses, grads, exp_avgs, exp_avg_sqs)
+    kernels.precondition_adamw(params, of_a, inverses, scales, grads, exp_avgs, exp_avg_sqs, steps, bc2, **hyper)
+    for got_list, want_list in zip((params, exp_avgs, exp_avg_sqs), want):
+        for got, expected in zip(got_list, want_list):
+            assert torch.equal(got, expected)
+    assert all(p._version == 1 for p in params)
+
+
+def test_the_fused_preconditioned_adamw_refuses_what_it_cannot_serve():
+    a, b = torch.zeros(2, 4, 6), torch.zeros(2, 6, 4)
+    inverses = [torch.zeros(2, 4, 4)] * 2
+    assert kernels.precondition_adamw_applies([a, b], [True, False], inverses, [a, b])
+    assert not kernels.precondition_adamw_applies([a, b], [False, True], inverses, [a, b])  # sides swapped
+    assert not kernels.precondition_adamw_applies([a.double(), b], [True, False], inverses, [a, b])
+    assert not kernels.precondition_adamw_applies([a, b], [True, False], inverses, [a, b.mT.contiguous().mT])
+    assert not kernels.precondition_adamw_applies([a, b], [True, False], [torch.zeros(2, 3, 3)] * 2, [a, b])
+    wide = torch.zeros(1, 17, 2)
+    assert not kernels.precondition_adamw_applies([wide], [False], [torch.zeros(1, 17, 17)], [wide])  # r > 16
+    assert not kernels.precondition_adamw_applies([], [], [], [])
+
+
+@pytest.mark.parametrize("options", [dict(max_grad_norm=0.01), dict(b_from_updated_a=True),
+                                     dict(preconditioner="gate_rescaled", weight_decay=0.0)])
+def test_the_fused_optimizer_step_equals_torchs_kernels_on_the_preconditioned_gradients(options, monkeypatch):
+    """RiemannianAdamW's compiled step (preconditioners in one pass, update fused with them) against the
+    same optimizer on torch's fused AdamW kernel and torch's linear algebra, over three steps."""
+    from moelora.optim import RiemannianAdamW
+
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(kernels, "_load", lambda: None)
+        torch.manual_seed(0)
+        layers = torch.nn.ModuleList([MoELoRALinear(torch.nn.Linear(24, 16), num_experts=6, top_k=3, rank=4, alpha=8.0),
+                                      MoELoRALinear(torch.nn.Linear(16, 40), num_experts=3, top_k=2, rank=2, alpha=4.0)])
+        with torch.no_grad():
+            for layer in layers:
+                layer.lora_B.normal_(0.0, 0.1)
+        optimizer = RiemannianAdamW(layers.parameters(), lr=1e-2, fused=None if compiled else True,
+                                    **{"preconditioner": "riemannian", **options})
+        for step in range(3):
+            x = torch.randn(40, 24, generator=torch.Generator().manual_seed(step))
+            (layers[1](layers[0](x)) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append([p.detach().clone() for p in layers.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_optimizer_step_is_the_same_with_and_without_the_kernels(monkeypatch):

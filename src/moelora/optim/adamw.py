@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..layers import kernels
-from .base import RiemannianOptimizer
+from .base import RiemannianOptimizer, SolvedFactors
+from .groups import SIDE_A
 from .sharding import is_sharded
 
 # Passed to the fused kernel as the step count when bias correction is off: it computes
@@ -48,8 +49,9 @@ class RiemannianAdamW(RiemannianOptimizer):
         fused: ``True``: torch's fused AdamW kernel for the moment updates (CPU and CUDA); ``False``: the
             foreach kernels; ``None`` (default): on a CPU, lists of small float32 tensors take the compiled
             single-threaded loop (``moelora.layers.kernels.adamw``, the same arithmetic without one
-            thread-pool wake-up per tensor), other tensors on a CPU or CUDA device torch's fused kernel,
-            everything else the foreach kernels.
+            thread-pool wake-up per tensor), and preconditioned expert factors the same loop fused with the
+            preconditioner (``kernels.precondition_adamw``: the preconditioned gradient is never stored),
+            other tensors on a CPU or CUDA device torch's fused kernel, everything else the foreach kernels.
 
     To reproduce the paper's runs exactly: ``bias_correction=False, eps=1e-6, weight_decay=0,
     b_from_updated_a=True``.
@@ -92,7 +94,9 @@ class RiemannianAdamW(RiemannianOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _moments(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+        """Each parameter's ``exp_avg`` and ``exp_avg_sq`` (created as zeros on its first step) and its step
+        count, advanced by one."""
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in params:
             state = self.state[param]
@@ -105,7 +109,27 @@ class RiemannianAdamW(RiemannianOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
 
+    def _update_preconditioned(self, group: dict[str, Any], solved: SolvedFactors) -> bool:
+        # On a CPU, float32 factors take one compiled pass that forms each block of the preconditioned
+        # gradient on the stack and updates it at once (the same floats as preconditioning, then _update).
+        params = solved.params
+        of_a = [f.side == SIDE_A for f in solved.factors]
+        if group["fused"] is not None or not kernels.precondition_adamw_applies(params, of_a, solved.inverses,
+                                                                                  solved.grads):
+            return False
+        exp_avgs, exp_avg_sqs, steps = self._moments(params)
+        step_sizes, bias_correction2_sqrts = _step_sizes(steps, group)
+        scale = 1.0 if solved.clip is None else float(solved.clip)
+        beta1, beta2 = group["betas"]
+        kernels.precondition_adamw(params, of_a, solved.inverses, [scale] * len(params), solved.grads, exp_avgs,
+                                   exp_avg_sqs, step_sizes, bias_correction2_sqrts, float(group["lr"]),
+                                   group["weight_decay"], beta1, beta2, group["eps"])
+        return True
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, steps = self._moments(params)
         # The kernels take lists of one device and dtype.
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, param in enumerate(params):
@@ -159,16 +183,21 @@ def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
     )
 
 
-def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
-    # The same update as _fused_adamw, through the compiled CPU loop (one call for every tensor).
+def _step_sizes(steps: list[float], group: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` per step count ``t`` (``lr`` and 1 without bias
+    correction), as the compiled kernels take them."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    if group["bias_correction"]:
-        step_sizes = [lr / (1 - beta1**t) for t in steps]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in steps]
-    else:
-        step_sizes, bias_correction2_sqrts = [lr] * len(params), [1.0] * len(params)
-    kernels.adamw(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_correction2_sqrts, lr,
+    if not group["bias_correction"]:
+        return [lr] * len(steps), [1.0] * len(steps)
+    return [lr / (1 - beta1**t) for t in steps], [math.sqrt(1 - beta2**t) for t in steps]
+
+
+def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
+    # The same update as _fused_adamw, through the compiled CPU loop (one call for every tensor).
+    step_sizes, bias_correction2_sqrts = _step_sizes(steps, group)
+    beta1, beta2 = group["betas"]
+    kernels.adamw(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_correction2_sqrts, float(group["lr"]),
                   group["weight_decay"], beta1, beta2, group["eps"])
 
 

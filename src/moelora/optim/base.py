@@ -3,10 +3,12 @@
 One ``step()``:
 
 1. clip each group's gradients by their joint norm if the group has ``max_grad_norm`` (the router group);
-2. precondition the gradients of every expert factor in a group whose ``preconditioner`` is not ``"none"``
-   (``moelora.optim.precondition``; all r x r systems of all groups solved in batches);
+2. solve the preconditioners of every expert factor in a group whose ``preconditioner`` is not ``"none"``
+   (``moelora.optim.precondition``; all r x r systems of all groups in batches, before any update);
 3. run the base update (``_update``, SGD or AdamW with foreach / fused kernels) on the preconditioned
-   gradients of the experts and the plain gradients of everything else;
+   gradients of the experts and the plain gradients of everything else; an update may instead apply
+   the preconditioners in its own pass (``_update_preconditioned``: ``RiemannianAdamW`` on float32 CPU
+   tensors, the same floats without the preconditioned gradients in memory);
 4. reset the gate statistics of every ``MoELoRALinear`` the optimizer trains, whatever the preconditioner,
    so that they cover exactly the forwards since the last step and never grow without bound.
 
@@ -30,7 +32,7 @@ from torch.optim import Optimizer
 from ..config import PRECONDITIONERS
 from ..layers.linear import MoELoRALinear, parameter_owners
 from .groups import EXPERTS, GROUP_KINDS, ROUTER, SIDE_A, SIDE_B, ExpertFactor, check_intact, expert_factor
-from .precondition import GATE_RESCALED, NONE, gate_sq_means, precondition
+from .precondition import GATE_RESCALED, NONE, apply_preconditioners, gate_sq_means, preconditioners
 from .sharding import expert_offset, global_grad_norm, is_sharded, like, local
 
 
@@ -44,6 +46,37 @@ class _GroupWork:
     factors: list[ExpertFactor] = field(default_factory=list)
     factor_grads: list[torch.Tensor] = field(default_factory=list)
     clip: torch.Tensor | None = None  # gradient multiplier from max_grad_norm, (), or None
+
+
+@dataclass
+class SolvedFactors:
+    """One group's expert factors with their solved preconditioners, for one step.
+
+    ``local`` and ``inverses`` are per process (this process's shard of experts under FSDP2, with its
+    ``(E_local, r, r)`` preconditioners); ``grads`` are the factors' gradients as autograd left them (never
+    written), ``clip`` the group's gradient multiplier from ``max_grad_norm`` or None.
+    """
+
+    factors: list[ExpertFactor]
+    local: list[ExpertFactor]
+    grads: list[torch.Tensor]
+    inverses: list[torch.Tensor]
+    clip: torch.Tensor | None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [f.param for f in self.factors]
+
+    def local_grads(self) -> list[torch.Tensor]:
+        return [local(g) for g in self.grads]
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The preconditioned gradients, laid out as the gradients (DTensors where those are), clipped."""
+        out = [like(result, layout) for result, layout in
+               zip(apply_preconditioners(self.local, self.local_grads(), self.inverses), self.grads)]
+        if self.clip is not None and out:
+            torch._foreach_mul_(out, self.clip)  # preconditioning is linear: clip before == clip after
+        return out
 
 
 class RiemannianOptimizer(Optimizer):
@@ -91,8 +124,10 @@ class RiemannianOptimizer(Optimizer):
         means = self._gate_means(work)
         preconditioned = [w for w in work if w.factors]
         if not self.defaults["b_from_updated_a"]:
-            for w, grads in zip(preconditioned, self._precondition(preconditioned, means)):
-                w.plain, w.plain_grads = w.plain + [f.param for f in w.factors], w.plain_grads + grads
+            # Every solve before any update: a step whose factorisations all fail changes nothing.
+            for w, solved in zip(preconditioned, self._solve(preconditioned, means)):
+                if not self._update_preconditioned(w.group, solved):
+                    w.plain, w.plain_grads = w.plain + solved.params, w.plain_grads + solved.gradients()
             for w in work:
                 self._update_group(w, w.plain, w.plain_grads)
         else:
@@ -100,12 +135,12 @@ class RiemannianOptimizer(Optimizer):
             # each B with the Gram matrix of its already-updated A.
             a_side = [_select(w, SIDE_A) for w in preconditioned]
             b_side = [_select(w, SIDE_B) for w in preconditioned]
-            for w, grads in zip(a_side, self._precondition(a_side, means)):
-                self._update_group(w, [f.param for f in w.factors], grads)
+            for w, solved in zip(a_side, self._solve(a_side, means)):
+                self._update_factors(w, solved)
             for w in work:
                 self._update_group(w, w.plain, w.plain_grads)
-            for w, grads in zip(b_side, self._precondition(b_side, means)):
-                self._update_group(w, [f.param for f in w.factors], grads)
+            for w, solved in zip(b_side, self._solve(b_side, means)):
+                self._update_factors(w, solved)
         for layer in layers:
             layer.reset_gate_stats()
         return loss
@@ -116,6 +151,12 @@ class RiemannianOptimizer(Optimizer):
         ``grads`` may alias ``.grad`` tensors: implementations must not write to them.
         """
         raise NotImplementedError
+
+    def _update_preconditioned(self, group: dict[str, Any], solved: SolvedFactors) -> bool:
+        """Apply the base update to expert factors from their gradients and preconditioners, without the
+        preconditioned gradients being formed first; False (nothing done) where the subclass has no such
+        path for these tensors, and the step then calls ``_update`` on ``solved.gradients()``."""
+        return False
 
     # ---------------------------------------------------------------------------------------- helpers
     def _plan(self) -> tuple[list[_GroupWork], list[MoELoRALinear]]:
@@ -190,21 +231,18 @@ class RiemannianOptimizer(Optimizer):
         needed = {id(f.layer): f.layer for w in work if w.group["preconditioner"] == GATE_RESCALED for f in w.factors}
         return gate_sq_means(list(needed.values())) if needed else {}
 
-    def _precondition(self, work: list[_GroupWork], means: dict[int, torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Preconditioned gradients of every group's factors, all groups solved together.
+    def _solve(self, work: list[_GroupWork], means: dict[int, torch.Tensor]) -> list[SolvedFactors]:
+        """The preconditioners of every group's factors, all groups' systems solved together.
 
         A factor sharded by FSDP2 is preconditioned on this process's shard (whole experts, ``sharding``),
-        with the matching slice of its layer's gate statistics; the result is a DTensor laid out as its
-        gradient.
+        with the matching slice of its layer's gate statistics.
         """
-        factors, grads, regs, scales, sizes, layouts = [], [], [], [], [], []
+        factors, regs, scales, sizes = [], [], [], []
         for w in work:
             rescale = w.group["preconditioner"] == GATE_RESCALED
-            for factor, grad in zip(w.factors, w.factor_grads):
+            for factor in w.factors:
                 shard = ExpertFactor(local(factor.param), factor.layer, factor.side, local(factor.partner))
                 factors.append(shard)
-                grads.append(local(grad))
-                layouts.append(grad)
                 regs.append(w.group["reg"])
                 scale = None
                 if rescale:
@@ -212,16 +250,17 @@ class RiemannianOptimizer(Optimizer):
                     scale = (means[id(factor.layer)][start : start + shard.param.shape[0]], w.group["gate_floor"])
                 scales.append(scale)
             sizes.append(len(w.factors))
-        flat = precondition(factors, grads, regs, scales) if factors else []
-        flat = [like(result, layout) for result, layout in zip(flat, layouts)]
+        inverses = preconditioners(factors, regs, scales) if factors else []
         out, start = [], 0
         for w, size in zip(work, sizes):
-            chunk = flat[start : start + size]
+            out.append(SolvedFactors(w.factors, factors[start : start + size], w.factor_grads,
+                                     inverses[start : start + size], w.clip))
             start += size
-            if w.clip is not None and chunk:
-                torch._foreach_mul_(chunk, w.clip)  # preconditioning is linear: clip before == clip after
-            out.append(chunk)
         return out
+
+    def _update_factors(self, w: _GroupWork, solved: SolvedFactors) -> None:
+        if solved.params and not self._update_preconditioned(w.group, solved):
+            self._update(w.group, solved.params, solved.gradients())
 
     def _update_group(self, w: _GroupWork, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if params:

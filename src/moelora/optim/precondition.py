@@ -9,13 +9,15 @@ with ``c_i^2 = max(sum_t g_it^2 / n_tokens, gate_floor)`` from the layer's gate 
 
 Every ``r x r`` system of every expert of every layer that shares a rank, a device and a damping is solved
 in one batch: Gram matrices ``(N, r, r)`` -> ``cholesky_ex`` -> ``cholesky_inverse`` -> one batched matmul
-per factor. Solves run in float32 at least (float64 stays float64). A factorisation that fails (not
+per factor (on a CPU, for float32 and ``r <= 16``, compiled passes over all layers at once:
+``moelora.layers.kernels.grams`` and ``damped_inverse``, the same arithmetic). Solves run in float32 at least (float64 stays float64). A factorisation that fails (not
 positive definite, or non-finite) is counted and reported, never silently replaced: a warning gives the
 counts and the affected experts' preconditioned gradients are zero for that step; if every factorisation
 of a solve fails it raises ``PreconditionerError`` before that solve's parameters change (with
 ``b_from_updated_a`` the B side is solved after the A update).
 
-This module only maps gradients to preconditioned gradients; the update rule (SGD, AdamW) is separate.
+This module maps gradients to preconditioned gradients (``precondition``), or hands the preconditioners to an
+update that applies them itself (``preconditioners``); the update rule (SGD, AdamW) is separate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -148,6 +150,70 @@ def precondition(
     Raises:
         PreconditionerError: every factorisation failed.
     """
+    return apply_preconditioners(factors, grads, preconditioners(factors, regs, gate_scales))
+
+
+@torch.no_grad()
+def preconditioners(
+    factors: Sequence[ExpertFactor],
+    regs: Sequence[float],
+    gate_scales: Sequence[tuple[torch.Tensor, float] | None],
+) -> list[torch.Tensor]:
+    """The ``(E, r, r)`` preconditioner ``P`` of each factor, as ``precondition`` applies them: ``P @ grad``
+    for an A-factor, ``grad @ P`` for a B-factor (arguments and failures as there; contiguous, in
+    ``compute_dtype`` of the factor's dtype). For an update that applies them itself
+    (``moelora.layers.kernels.precondition_adamw``)."""
+    out: list[torch.Tensor | None] = [None] * len(factors)
+    for batch in _solve_batches(factors, regs, gate_scales):
+        for index, inverse in zip(batch.indices, batch.per_factor()):
+            out[index] = inverse
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def apply_preconditioners(
+    factors: Sequence[ExpertFactor], grads: Sequence[torch.Tensor], inverses: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``P @ grad`` for each A-factor's ``(E, r, d_in)`` gradient, ``grad @ P`` for each B-factor's
+    ``(E, d_out, r)``, with ``P`` its ``(E, r, r)`` ``inverses[i]`` (from ``preconditioners``); each result
+    shaped and typed like its ``grad``, freshly allocated and contiguous."""
+    # kron(I_k, P) of the B-side systems that take the 16-wide reading, built in one go per rank and dtype.
+    blocked: dict[tuple, list[int]] = defaultdict(list)
+    for index, (factor, grad) in enumerate(zip(factors, grads)):
+        k = _block_factor(inverses[index].shape[-1])
+        if factor.side != SIDE_A and _blocked(grad, k):
+            blocked[(k, inverses[index].dtype, inverses[index].device)].append(index)
+    krons: dict[int, torch.Tensor] = {}
+    for (k, _, _), indices in blocked.items():
+        stacked = _kron_eye(torch.cat([inverses[i] for i in indices]), k)
+        krons.update(zip(indices, stacked.split([inverses[i].shape[0] for i in indices])))
+    out = []
+    for index, (factor, grad) in enumerate(zip(factors, grads)):
+        if factor.side == SIDE_A:
+            out.append(_apply_a(grad, inverses[index]))
+        else:
+            k = _block_factor(inverses[index].shape[-1])
+            out.append(_apply_b(grad, inverses[index], krons.get(index), k))
+    return out
+
+
+class _Batch(NamedTuple):
+    """The solved ``(N, r, r)`` systems of the factors ``indices``, stacked in that order."""
+
+    indices: list[int]
+    sizes: list[int]  # each factor's number of experts, in the order of indices
+    inverses: torch.Tensor  # (N, r, r), contiguous
+
+    def per_factor(self) -> tuple[torch.Tensor, ...]:
+        return self.inverses.split(self.sizes)
+
+
+def _solve_batches(
+    factors: Sequence[ExpertFactor],
+    regs: Sequence[float],
+    gate_scales: Sequence[tuple[torch.Tensor, float] | None],
+) -> list[_Batch]:
+    """Every factor's systems, solved in batches; failures counted and reported (raising when all failed)."""
     # Batch key: everything that must be equal for the (N, r, r) systems to be solved together.
     batches: dict[tuple, list[int]] = defaultdict(list)
     for index, factor in enumerate(factors):
@@ -156,22 +222,24 @@ def precondition(
         rank = factor.param.shape[1] if factor.side == SIDE_A else factor.param.shape[2]
         batches[(factor.param.device, dtype, rank, float(regs[index]), None if scale is None else scale[1])].append(index)
 
-    out: list[torch.Tensor | None] = [None] * len(factors)
+    solved = []
     failures = []  # per batch: [not positive definite, non-finite, failed on the A side] as 0-d tensors
     total = 0
     for (_, dtype, rank, reg, floor), indices in batches.items():
         k = _block_factor(rank)
-        # A-factors first (failures are counted per side), those whose B reads as 16-wide rows leading.
-        indices.sort(key=lambda i: (factors[i].side != SIDE_A, not _blocked(factors[i].partner, k)))
+        partners = [factors[i].partner for i in indices]
+        compiled = (rank <= kernels.MAX_SMALL_RANK and all(p.dtype == dtype for p in partners)
+                    and kernels.batched_applies(*partners))
+        # A-factors first (failures are counted per side); on the torch path those whose B reads as 16-wide
+        # rows leading.
+        indices.sort(key=lambda i: (factors[i].side != SIDE_A, not compiled and not _blocked(factors[i].partner, k)))
         count_a = sum(1 for i in indices if factors[i].side == SIDE_A)
-        count_blocked = sum(1 for i in indices[:count_a] if _blocked(factors[i].partner, k))
         sizes = [factors[i].param.shape[0] for i in indices]
-        parts = [_gram(factors[i], dtype, k) for i in indices]
-        if count_blocked:
-            # B^T B = the sum of the k diagonal (r, r) blocks of W^T W, for all such layers in one go.
-            wide = torch.cat(parts[:count_blocked]).view(-1, k, rank, k, rank)
-            parts[:count_blocked] = [wide.diagonal(dim1=1, dim2=3).sum(-1)]
-        systems = torch.cat(parts)  # (N, r, r), N = sum of the layers' E
+        if compiled:  # every layer's Gram matrices in one call
+            systems = kernels.grams([factors[i].partner for i in indices],
+                                    [factors[i].side == SIDE_A for i in indices], rank)
+        else:
+            systems = _grams([factors[i] for i in indices], dtype, rank, k)  # (N, r, r), N = sum of the layers' E
         if floor is not None:
             # a batch with a floor holds only gate-rescaled systems, each with its scale
             scales = [gate_scales[i] for i in indices]
@@ -184,19 +252,22 @@ def precondition(
         failed = not_pd | non_finite
         failures.append(torch.stack([not_pd.sum(), non_finite.sum(), failed[:rows_a].sum()]))
         total += systems.shape[0]
-        # kron(I_k, P) of every B-side system, built in one go.
-        any_blocked_b = k > 1 and any(_blocked(grads[i], k) for i in indices[count_a:])
-        krons = (_kron_eye(inverses[rows_a:], k).split(sizes[count_a:]) if any_blocked_b
-                 else [None] * (len(indices) - count_a))
-        per_factor = inverses.split(sizes)
-        for position, index in enumerate(indices):
-            if position < count_a:
-                out[index] = _apply_a(grads[index], per_factor[position])
-            else:
-                out[index] = _apply_b(grads[index], per_factor[position], krons[position - count_a], k)
+        solved.append(_Batch(indices, sizes, inverses))
     if failures:
         _report(torch.stack(failures).sum(0).tolist(), total, regs)
-    return out  # type: ignore[return-value]
+    return solved
+
+
+def _grams(factors: list[ExpertFactor], dtype: torch.dtype, rank: int, k: int) -> torch.Tensor:
+    """``(N, r, r)``: the Gram matrix of each factor's partner (``_gram``), stacked in order; a factor whose
+    B reads as 16-wide rows (``_blocked``) must come before the others."""
+    parts = [_gram(f, dtype, k) for f in factors]
+    count_blocked = sum(1 for f in factors if f.side == SIDE_A and _blocked(f.partner, k))
+    if count_blocked:
+        # B^T B = the sum of the k diagonal (r, r) blocks of W^T W, for all such layers in one go.
+        wide = torch.cat(parts[:count_blocked]).view(-1, k, rank, k, rank)
+        parts[:count_blocked] = [wide.diagonal(dim1=1, dim2=3).sum(-1)]
+    return torch.cat(parts)
 
 
 def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,6 +277,9 @@ def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     two disjoint ``(N,)`` masks: the factorisation failed (``info > 0``), or it succeeded but its inverse is
     not finite.
     """
+    if systems.shape[-1] <= kernels.MAX_SMALL_RANK and kernels.batched_applies(systems):
+        inverses, status = kernels.damped_inverse(systems)  # the same, in one compiled pass
+        return inverses, status == 1, status == 2
     chol, info = torch.linalg.cholesky_ex(systems)
     not_pd = info != 0
     # A failed factor is only partly computed and cholesky_inverse may raise on it: invert the identity in

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the layer's small per-token work: routing and the gate products (``gates.c``),
 the dropout keep-mask (``dropout.c``), the optimizers' per-expert ``r x r`` products (``batched.c``) and
-their AdamW update of many small tensors (``adamw.c``).
+their AdamW update of many small tensors, alone or fused with the preconditioners (``adamw.c``).
 
 On a CPU the layer's routing (top-k, softmax, scatter, statistics) and gate products (the gated
 projections, the backward gate power, the per-expert sums, the router's softmax Jacobian) are about twenty
@@ -57,7 +57,11 @@ _SIGNATURES = {  # every function returns void, except those in _RETURNS_STATUS
     "moelora_gram_cols_f32": [_I64, _I64, _I64, _PTR, _PTR],
     "moelora_left_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
     "moelora_right_mul_f32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "moelora_grams_f32": [_I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
+    "moelora_damped_inverse_f32": [_I64, _I64, _PTR, _PTR, _PTR],
     "moelora_adamw_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _F64, _F64],
+    "moelora_precondition_adamw_f32": [_I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                       _F64, _F64, _F64, _F64, _F64],
 }
 _RETURNS_STATUS = {"moelora_route_f32"}  # 0, or -1 where its scratch memory could not be allocated
 
@@ -403,6 +407,42 @@ def right_mul(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _int64s(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def grams(partners: list[torch.Tensor], of_a: list[bool], rank: int) -> torch.Tensor:
+    """The Gram matrices of many layers' partner factors in one call, stacked into ``(N, r, r)`` with
+    ``N = sum E_i``: ``B^T B`` per expert where ``of_a[i]`` (``partners[i]`` is a B, ``(E_i, d_i, r)``), else
+    ``A A^T`` (``partners[i]`` is an A, ``(E_i, r, d_i)``); for tensors that ``batched_applies`` accepts,
+    ``r <= MAX_SMALL_RANK``."""
+    if rank > MAX_SMALL_RANK:
+        raise ValueError(f"grams takes r <= {MAX_SMALL_RANK}, got {rank}")
+    experts = [p.shape[0] for p in partners]
+    widths = [p.shape[1] if a else p.shape[2] for p, a in zip(partners, of_a)]
+    out = partners[0].new_empty(sum(experts), rank, rank)
+    _load().moelora_grams_f32(  # type: ignore[union-attr]
+        len(partners), _int64s([0 if a else 1 for a in of_a]), _int64s(experts), _int64s(widths), rank,
+        _pointers(partners), out.data_ptr())
+    return out
+
+
+def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inverses, status)`` of symmetric positive definite ``(N, r, r)`` systems, ``r <= MAX_SMALL_RANK``,
+    through their Cholesky factors (the lower triangle is read): ``status`` ``(N,)`` int8 is 0, 1 where the
+    factorisation failed (not positive definite, or NaN) or 2 where the inverse is not finite, and those
+    inverses are zero. For a tensor that ``batched_applies`` accepts. A subnormal pivot is kept (its inverse
+    then overflows: status 2) where LAPACK may flush it to zero (not positive definite): a failure either
+    way."""
+    count, rank, _ = systems.shape
+    if rank > MAX_SMALL_RANK:
+        raise ValueError(f"damped_inverse takes r <= {MAX_SMALL_RANK}, got {rank}")
+    out = torch.empty_like(systems)
+    status = torch.empty(count, dtype=torch.int8)
+    _load().moelora_damped_inverse_f32(count, rank, systems.data_ptr(), out.data_ptr(), status.data_ptr())  # type: ignore[union-attr]
+    return out, status
+
+
 # The compiled AdamW loop serves lists of tensors this small on average (elements); beyond, torch's fused
 # kernel, whose one parallel region per tensor then pays for itself.
 ADAMW_MAX_MEAN_NUMEL = 1 << 18
@@ -434,4 +474,43 @@ def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
         count, numel, _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs),
         (ctypes.c_double * count)(*step_sizes), (ctypes.c_double * count)(*bias_correction2_sqrts), float(lr),
         float(weight_decay), float(beta1), float(beta2), float(eps))
+    torch.autograd.graph.increment_version(params)
+
+
+def precondition_adamw_applies(params: list[torch.Tensor], of_a: list[bool], inverses: list[torch.Tensor],
+                               grads: list[torch.Tensor], *moments: list[torch.Tensor]) -> bool:
+    """Whether ``precondition_adamw`` serves these lists: stacked factors of one rank ``r <= MAX_SMALL_RANK``
+    (an A ``(E, r, d_in)`` where ``of_a[i]``, else a B ``(E, d_out, r)``) with their ``(E, r, r)``
+    preconditioners and gradients and moments shaped like them, all contiguous float32 CPU tensors (no
+    subclasses), small on average (``ADAMW_MAX_MEAN_NUMEL``), outside ``torch.compile``, with the kernels
+    built."""
+    if not params or not inverses or sum(p.numel() for p in params) > ADAMW_MAX_MEAN_NUMEL * len(params):
+        return False
+    rank = inverses[0].shape[-1]
+    if rank > MAX_SMALL_RANK or not all(
+        p.dim() == 3 and p.shape[1 if a else 2] == rank and tuple(inverse.shape) == (p.shape[0], rank, rank)
+        and g.shape == p.shape for p, a, inverse, g in zip(params, of_a, inverses, grads, strict=True)
+    ):
+        return False
+    return all(_plain(*tensors) for tensors in (params, inverses, grads, *moments)) and _load() is not None
+
+
+def precondition_adamw(params: list[torch.Tensor], of_a: list[bool], inverses: list[torch.Tensor],
+                       scales: list[float], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                       exp_avg_sqs: list[torch.Tensor], step_sizes: list[float], bias_correction2_sqrts: list[float],
+                       lr: float, weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
+    """``adamw`` of stacked expert factors on their preconditioned gradients, which are never stored:
+    ``u = scales[i] * (P @ grad)`` per expert where ``of_a[i]`` (``params[i]`` an A, ``(E, r, d_in)``), else
+    ``u = scales[i] * (grad @ P)`` (a B, ``(E, d_out, r)``), with ``P`` the ``(E, r, r)`` ``inverses[i]`` of
+    one rank ``r`` for all; the same floats as ``left_mul`` / ``right_mul``, the scale, then ``adamw``. For
+    lists that ``precondition_adamw_applies`` accepts; version counters advanced as ``adamw`` does."""
+    count = len(params)
+    rank = inverses[0].shape[-1]
+    _load().moelora_precondition_adamw_f32(  # type: ignore[union-attr]
+        count, _int64s([0 if a else 1 for a in of_a]), _int64s([p.shape[0] for p in params]),
+        _int64s([p.shape[2] if a else p.shape[1] for p, a in zip(params, of_a)]), rank, _pointers(inverses),
+        (ctypes.c_double * count)(*scales), _pointers(params), _pointers(grads), _pointers(exp_avgs),
+        _pointers(exp_avg_sqs), (ctypes.c_double * count)(*step_sizes),
+        (ctypes.c_double * count)(*bias_correction2_sqrts), float(lr), float(weight_decay), float(beta1),
+        float(beta2), float(eps))
     torch.autograd.graph.increment_version(params)
