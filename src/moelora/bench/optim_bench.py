@@ -13,7 +13,9 @@ timed interleaved in one run:
 - ``peft_r80``: PEFT's ``create_riemannian_optimizer`` (AdamW, ``foreach=True``, same ``reg``) on a PEFT
   LoRA of rank 20 x 4 = 80 on the same modules: one expert per module with the same total shapes,
   as PEFT has no mixture;
-- ``moelora_r80``: ours on that same single rank-80 expert per module (apples to apples with PEFT).
+- ``moelora_r80``: ours on that same single rank-80 expert per module (apples to apples with PEFT);
+- ``peft_r16_adamw``: ``torch.optim.AdamW(foreach=True)`` on PEFT LoRA r=16's tensors of the same modules:
+  the optimizer of the training step's baseline (``moelora.bench.train_bench``), 5.8x fewer parameters.
 
 Only expert tensors are stepped (no routers). Gradients stay fixed across repeats; the PEFT optimizer
 overwrites ``.grad`` with its preconditioned gradient, so each of its steps gets a fresh copy made before
@@ -151,6 +153,15 @@ def _peft(blocks: int, rank: int, rounds: int) -> Callable[[], None] | None:
     return step
 
 
+def _lora_tensors(rank: int, blocks: int = BLOCKS) -> list[torch.Tensor]:
+    """A plain LoRA's ``A`` (r, d_in) and ``B`` (d_out, r) of rank ``rank`` on q, k, v, o of ``blocks``
+    SmolLM2 blocks, with random weights and gradients (``_fill_``): what PEFT's LoRA trains there."""
+    params = [torch.empty(shape, requires_grad=True) for _ in range(blocks)
+              for d_out in (HIDDEN, KV_OUT, KV_OUT, HIDDEN) for shape in ((rank, HIDDEN), (d_out, rank))]
+    _fill_(params, torch.Generator().manual_seed(1))
+    return params
+
+
 def run(quick: bool = False) -> dict:
     """Median seconds per optimizer step of every candidate and the ratios that the targets are about."""
     torch.manual_seed(0)
@@ -173,6 +184,8 @@ def run(quick: bool = False) -> dict:
         "torch_adamw_foreach": torch.optim.AdamW(plain, lr=LR, weight_decay=0.0, foreach=True).step,
         "per_expert_loop": _per_expert_loop(experts),
         "moelora_r80": adamw(wide, preconditioner="riemannian"),
+        # the training step's baseline: torch's AdamW on PEFT LoRA r=16's 240 tensors
+        "peft_r16_adamw": torch.optim.AdamW(_lora_tensors(16), lr=LR, weight_decay=0.0, foreach=True).step,
     }
     peft_step = _peft(BLOCKS, NUM_EXPERTS * RANK, rounds=repeats + warmup)
     if peft_step is not None:
@@ -186,6 +199,7 @@ def run(quick: bool = False) -> dict:
         "timings": timing.as_dict(),
         "cost_vs_torch_adamw_foreach": timing.ratio("moelora", "torch_adamw_foreach"),
         "speedup_vs_per_expert_loop": timing.ratio("per_expert_loop", "moelora"),
+        "cost_vs_peft_r16_adamw": timing.ratio("moelora", "peft_r16_adamw"),
     }
     if peft_step is not None:
         result["speedup_vs_peft_r80"] = timing.ratio("peft_r80", "moelora")
@@ -200,7 +214,7 @@ def _table(result: dict) -> str:
         lines.append(f"| {name} | {t['median_s'] * 1e3:.1f} | {t['min_s'] * 1e3:.1f} | {t['median_s'] / base:.2f}x |")
     lines.append("")
     for key in ("cost_vs_torch_adamw_foreach", "speedup_vs_per_expert_loop", "speedup_vs_peft_r80",
-                "speedup_r80_vs_peft_r80"):
+                "speedup_r80_vs_peft_r80", "cost_vs_peft_r16_adamw"):
         if key in result:
             lines.append(f"{key}: {result[key]:.2f}")
     return "\n".join(lines)

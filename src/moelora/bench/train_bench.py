@@ -12,13 +12,16 @@ Three comparisons, on Rotten Tomatoes training reviews:
   optimizer state), counted exactly.
 
     python -m moelora.bench.train_bench [--quick]
+    python -c "from moelora.bench import train_bench; print(train_bench.bench_step(False, repeats=30))"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -70,19 +73,31 @@ def _answer_loss_step(model, optimizer, batch):
     return step
 
 
-def bench_step(quick: bool) -> dict:
-    """Interleaved optimizer steps of both candidates on one fixed batch."""
+def bench_step(quick: bool, repeats: int | None = None) -> dict:
+    """Interleaved optimizer steps of both candidates on one fixed batch (``repeats`` rounds: 8 quick, else
+    10 unless given), wall time and the process's CPU time of each step."""
     moe, moe_opt, runtime = _setup("moelora")
     peft_model, peft_opt, _ = _setup("peft_lora")
     batch = runtime.collate_train(list(range(BATCH)))
-    timing = time_interleaved(
-        {"moelora_default": _answer_loss_step(moe, moe_opt, batch),
-         "peft_lora_r16_adamw": _answer_loss_step(peft_model, peft_opt, batch)},
-        repeats=8 if quick else 10, warmup=1,
-    )
+    steps = {"moelora_default": _answer_loss_step(moe, moe_opt, batch),
+             "peft_lora_r16_adamw": _answer_loss_step(peft_model, peft_opt, batch)}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+
+    def with_cpu_time(name: str) -> Callable[[], None]:
+        def step() -> None:
+            start = time.process_time()
+            steps[name]()
+            cpu[name].append(time.process_time() - start)
+        return step
+
+    rounds = repeats or (8 if quick else 10)
+    timing = time_interleaved({name: with_cpu_time(name) for name in steps}, repeats=rounds, warmup=1)
+    cpu_median = {name: statistics.median(samples[-rounds:]) for name, samples in cpu.items()}  # warm-up dropped
     return {"batch_tokens": int(batch["n_tokens"]), "timings": timing.as_dict(),
             "cost_vs_peft_lora": timing.ratio("moelora_default", "peft_lora_r16_adamw"),
-            "cost_vs_peft_lora_by_round": timing.ratio_spread("moelora_default", "peft_lora_r16_adamw")}
+            "cost_vs_peft_lora_by_round": timing.ratio_spread("moelora_default", "peft_lora_r16_adamw"),
+            "cpu_time_s": cpu_median,
+            "cpu_time_cost_vs_peft_lora": cpu_median["moelora_default"] / cpu_median["peft_lora_r16_adamw"]}
 
 
 def bench_throughput(quick: bool) -> dict:
