@@ -369,7 +369,9 @@ def test_the_fused_optimizer_step_equals_torchs_kernels_on_the_preconditioned_gr
     same optimizer on torch's fused AdamW kernel and torch's linear algebra, over three steps."""
     from moelora.optim import RiemannianAdamW
 
-    results = []
+    results, fused_calls = [], []
+    fused = kernels.precondition_adamw
+    monkeypatch.setattr(kernels, "precondition_adamw", lambda *args, **kw: fused_calls.append(1) or fused(*args, **kw))
     for compiled in (True, False):
         if not compiled:
             monkeypatch.setattr(kernels, "_load", lambda: None)
@@ -387,6 +389,9 @@ def test_the_fused_optimizer_step_equals_torchs_kernels_on_the_preconditioned_gr
             optimizer.step()
             optimizer.zero_grad()
         results.append([p.detach().clone() for p in layers.parameters()])
+        if compiled:  # one call per rank (4 and 2) and step, or per side too with b_from_updated_a
+            assert len(fused_calls) == 3 * 2 * (2 if options.get("b_from_updated_a") else 1)
+    assert len(fused_calls) == 3 * 2 * (2 if options.get("b_from_updated_a") else 1)  # none without the kernels
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

@@ -112,20 +112,29 @@ class RiemannianAdamW(RiemannianOptimizer):
         return exp_avgs, exp_avg_sqs, steps
 
     def _update_preconditioned(self, group: dict[str, Any], solved: SolvedFactors) -> bool:
-        # On a CPU, float32 factors take one compiled pass that forms each block of the preconditioned
-        # gradient on the stack and updates it at once (the same floats as preconditioning, then _update).
-        params = solved.params
-        of_a = [f.side == SIDE_A for f in solved.factors]
-        if group["fused"] is not None or not kernels.precondition_adamw_applies(params, of_a, solved.inverses,
-                                                                                  solved.grads):
+        # On a CPU, float32 factors take one compiled pass per rank that forms each block of the
+        # preconditioned gradient on the stack and updates it at once (the floats of preconditioning, then
+        # _update); anything else, or a group with fused set, takes the plain route.
+        if group["fused"] is not None:
             return False
-        exp_avgs, exp_avg_sqs, steps = self._moments(params)
-        step_sizes, bias_correction2_sqrts = _step_sizes(steps, group)
+        params, grads, inverses = solved.params, solved.grads, solved.inverses
+        of_a = [f.side == SIDE_A for f in solved.factors]
+        by_rank: dict[int, list[int]] = defaultdict(list)
+        for i, inverse in enumerate(inverses):
+            by_rank[inverse.shape[-1]].append(i)
+        buckets = [([params[i] for i in index], [of_a[i] for i in index], [inverses[i] for i in index],
+                    [grads[i] for i in index]) for index in by_rank.values()]
+        moments = [state[key] for p in params if (state := self.state.get(p)) for key in ("exp_avg", "exp_avg_sq")]
+        if not all(kernels.precondition_adamw_applies(*bucket, moments) for bucket in buckets):
+            return False
         scale = 1.0 if solved.clip is None else float(solved.clip)
         beta1, beta2 = group["betas"]
-        kernels.precondition_adamw(params, of_a, solved.inverses, [scale] * len(params), solved.grads, exp_avgs,
-                                   exp_avg_sqs, step_sizes, bias_correction2_sqrts, float(group["lr"]),
-                                   group["weight_decay"], beta1, beta2, group["eps"])
+        for bucket_params, bucket_of_a, bucket_inverses, bucket_grads in buckets:
+            exp_avgs, exp_avg_sqs, steps = self._moments(bucket_params)
+            step_sizes, bias_correction2_sqrts = _step_sizes(steps, group)
+            kernels.precondition_adamw(bucket_params, bucket_of_a, bucket_inverses, [scale] * len(bucket_params),
+                                       bucket_grads, exp_avgs, exp_avg_sqs, step_sizes, bias_correction2_sqrts,
+                                       float(group["lr"]), group["weight_decay"], beta1, beta2, group["eps"])
         return True
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
