@@ -10,11 +10,12 @@ with ``c_i^2 = max(sum_t g_it^2 / n_tokens, gate_floor)`` from the layer's gate 
 Every ``r x r`` system of every expert of every layer that shares a rank, a device and a damping is solved
 in one batch: Gram matrices ``(N, r, r)`` -> ``cholesky_ex`` -> ``cholesky_inverse`` -> one batched matmul
 per factor (on a CPU, for float32 and ``r <= 16``, compiled passes over all layers at once:
-``moelora.layers.kernels.grams`` and ``damped_inverse``, the same arithmetic). Solves run in float32 at least (float64 stays float64). A factorisation that fails (not
-positive definite, or non-finite) is counted and reported, never silently replaced: a warning gives the
-counts and the affected experts' preconditioned gradients are zero for that step; if every factorisation
-of a solve fails it raises ``PreconditionerError`` before that solve's parameters change (with
-``b_from_updated_a`` the B side is solved after the A update).
+``moelora.layers.kernels.grams`` and ``damped_inverse``, the same arithmetic). Solves run in float32 at
+least (float64 stays float64). A factorisation that fails (not positive definite, or non-finite) is
+counted and reported, never silently replaced: a warning gives the counts and the affected experts'
+preconditioned gradients are zero for that step; if every factorisation of a solve fails it raises
+``PreconditionerError`` before that solve's parameters change (with ``b_from_updated_a`` the B side is
+solved after the A update).
 
 This module maps gradients to preconditioned gradients (``precondition``), or hands the preconditioners to an
 update that applies them itself (``preconditioners``); the update rule (SGD, AdamW) is separate.
@@ -227,7 +228,7 @@ def _solve_batches(
     total = 0
     for (_, dtype, rank, reg, floor), indices in batches.items():
         k = _block_factor(rank)
-        partners = [factors[i].partner for i in indices]
+        partners = [factors[i].partner for i in indices]  # order irrelevant to the check
         compiled = (rank <= kernels.MAX_SMALL_RANK and all(p.dtype == dtype for p in partners)
                     and kernels.batched_applies(*partners))
         # A-factors first (failures are counted per side); on the torch path those whose B reads as 16-wide

@@ -439,7 +439,8 @@ def damped_inverse(systems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"damped_inverse takes r <= {MAX_SMALL_RANK}, got {rank}")
     out = torch.empty_like(systems)
     status = torch.empty(count, dtype=torch.int8)
-    _load().moelora_damped_inverse_f32(count, rank, systems.data_ptr(), out.data_ptr(), status.data_ptr())  # type: ignore[union-attr]
+    _load().moelora_damped_inverse_f32(  # type: ignore[union-attr]
+        count, rank, systems.data_ptr(), out.data_ptr(), status.data_ptr())
     return out, status
 
 
